@@ -1,0 +1,1 @@
+"""The `ipr` command line."""

@@ -1,0 +1,57 @@
+"""`ipr`: the command line of ipr-flow.
+
+Each command group lives in its own module with a ``register(subparsers)``
+function; this module only wires them together. Errors from bad input print
+one clear line (no traceback) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ipr_core.config import ConfigError
+
+# Command-group modules, in --help order.
+GROUPS = ["ipr_cli.config_cmd", "ipr_cli.artifacts", "ipr_cli.data", "ipr_cli.model", "ipr_cli.pipeline"]
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. --set pipeline.iterations=2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipr", description="IPR (Iterative step-level Process Refinement) for LLM agents, as a Prefect 3 workflow.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for mod in GROUPS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue  # group not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from ipr_core.schemas import SchemaError
+    from ipr_core.store import StoreError
+
+    try:
+        rc = args.func(args)
+    except (ConfigError, SchemaError, StoreError, ValueError, FileNotFoundError) as e:
+        print(f"ipr: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

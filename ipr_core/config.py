@@ -1,0 +1,248 @@
+"""One validated root config for an IPR run.
+
+Every section is a frozen pydantic v2 model with ``extra="forbid"`` so that a
+typo in a YAML file or a ``--set key.path=value`` override fails loudly, naming
+the field and the bad value, instead of being silently ignored.
+
+Defaults follow the paper (see ``../shared/spec/IPR.md``) where the paper gives a
+number; CPU-friendly sizes are used where the paper's numbers assume 8xA100
+(batch sizes, model size). ``configs/demo.yaml`` is the small embedded default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names field and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class EnvConfig(_Section):
+    name: str = Field("babyai", description="Environment adapter name from the registry (babyai, textworld_express, scienceworld, intercode_sql).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Adapter-specific options (e.g. BabyAI level, ScienceWorld task names).")
+    train_tasks: int = Field(64, ge=1, description="Number of training tasks (each gets one expert trajectory).")
+    eval_tasks: int = Field(32, ge=1, description="Number of held-out tasks for evaluation.")
+    eval_split: str = Field("test", description="Split used for held-out evaluation.")
+    max_steps: int | None = Field(None, ge=1, description="Episode step limit; None uses the adapter's default (paper: 10 WebShop/SQL, 20 ALFWorld).")
+    workers: int = Field(4, ge=1, description="Threads stepping slow environments (JVM-backed) in the rollout runner.")
+
+
+class TinyModelConfig(_Section):
+    arch: Literal["qwen2", "llama"] = Field("qwen2", description="Architecture of the locally built tiny model.")
+    hidden_size: int = Field(128, ge=8, description="Hidden size of the tiny model.")
+    num_layers: int = Field(4, ge=1, description="Transformer layers of the tiny model.")
+    num_heads: int = Field(4, ge=1, description="Attention heads of the tiny model.")
+    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (GQA) of the tiny model.")
+    intermediate_size: int = Field(384, ge=8, description="MLP width of the tiny model.")
+    vocab_size: int = Field(1024, ge=300, description="Byte-level BPE vocabulary size trained locally.")
+    max_position_embeddings: int = Field(1024, ge=64, description="Context length of the tiny model.")
+    tokenizer_corpus_episodes: int = Field(200, ge=1, description="Expert episodes whose text trains the tokenizer.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
+        return self
+
+
+class OpenAIBackendConfig(_Section):
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of an OpenAI-compatible server (e.g. `vllm serve`).")
+    model: str | None = Field(None, description="Model name sent to the server; None uses model.base.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (empty key is allowed for local servers).")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_concurrency: int = Field(16, ge=1, description="Concurrent HTTP requests.")
+    max_retries: int = Field(4, ge=0, description="Retries with exponential backoff on transient errors (timeouts, 429, 5xx).")
+    backoff_s: float = Field(0.5, ge=0, description="Initial backoff in seconds, doubled per retry.")
+
+
+class ModelConfig(_Section):
+    base: str = Field("tiny", description="'tiny' builds a tiny local model; otherwise a local path, a store URI or a hub id (hub ids need network).")
+    backend: Literal["transformers", "openai", "vllm"] = Field("transformers", description="Generation backend for rollouts.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 on CUDA with bf16 support, else float32.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the in-process backend; auto = cuda if available.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint (off unless you trust it).")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Size of the locally built tiny model (base='tiny').")
+    openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig, description="Settings of the OpenAI-compatible backend.")
+
+
+class SamplingConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per assistant turn.")
+    batch_size: int = Field(32, ge=1, description="Conversations per generate call (the lock-step runner's concurrency).")
+    history_turns: int | None = Field(2, ge=0, description="Past steps kept in the prompt; None keeps the full history (paper).")
+    explore_temperature: float = Field(0.0, ge=0, description="Temperature of the agent's exploration and evaluation (paper: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for sampled rollouts.")
+    prefix_sharing: bool = Field(True, description="Prefill a shared prompt once for N samples (transformers backend).")
+
+
+class MCConfig(_Section):
+    n_rollouts: int = Field(5, ge=1, description="Scorer rollouts per step (Eq. 3-5, paper N=5).")
+    temperature: float = Field(1.0, gt=0, description="Scorer sampling temperature (paper 1.0).")
+    shard_size: int = Field(16, ge=1, description="Trajectories per MC/exploration shard (the unit of caching and resume).")
+
+
+class PairsConfig(_Section):
+    tau_step: float = Field(0.1, ge=0, description="Step-reward margin tau_s (Eq. 8-9; paper 0.1 InterCodeSQL, 0.5 ALFWorld, 0.01 WebShop).")
+    tau_outcome: float = Field(0.1, ge=0, description="Outcome-reward margin tau_o (Eq. 6-9).")
+    step_variant: Literal["full", "single_action"] = Field("full", description="Step pair sides: full remainder (paper) or just the step's action (reference-code option).")
+    outcome_pairs: bool = Field(True, description="Build outcome-level pairs from j=0 explorations (ETO-style).")
+    step_pairs: bool = Field(True, description="Build step-level pairs from j>=1 explorations.")
+
+
+class SFTConfig(_Section):
+    epochs: float = Field(3.0, gt=0, description="SFT epochs (paper 3).")
+    lr: float = Field(2e-5, gt=0, description="SFT learning rate (paper 2e-5; tiny models from scratch need ~1e-3).")
+    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warmup fraction (paper 0.03).")
+    scheduler: str = Field("cosine", description="LR schedule (paper cosine).")
+    max_length: int = Field(1024, ge=16, description="Max tokens per sample (paper 4096).")
+    max_time_s: float | None = Field(None, gt=0, description="Wall-clock budget; training stops early when reached.")
+    expert_episodes_multiplier: int = Field(1, ge=1, description="Extra expert episodes per training task for SFT data (more data for tiny models).")
+
+
+class IPRTrainConfig(_Section):
+    epochs: float = Field(3.0, gt=0, description="Epochs over the pairs per iteration (paper 3).")
+    lr: float = Field(3e-6, gt=0, description="Learning rate (reference 3e-6).")
+    batch_size: int = Field(8, ge=1, description="Pairs per optimisation step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Warmup fraction (reference: constant with warmup 0.1).")
+    beta: float = Field(0.1, gt=0, description="DPO beta (paper 0.1).")
+    w_outcome: float = Field(1.0, ge=0, description="Weight of the outcome-DPO term (Eq. 10).")
+    w_step: float = Field(1.0, ge=0, description="Weight of the step-DPO term (Eq. 10).")
+    w_sft: float = Field(1.0, ge=0, description="Weight of the SFT term (Eq. 10).")
+    sft_target: Literal["expert", "chosen"] = Field("expert", description="SFT term on expert trajectories (paper) or on every pair's chosen side (reference code).")
+    reference: Literal["sft", "previous"] = Field("sft", description="Reference model: the SFT model, fixed (reference code), or the previous iteration's (ETO).")
+    max_length: int = Field(1024, ge=16, description="Max tokens per sample.")
+    lora: bool = Field(False, description="Train LoRA adapters via peft instead of full weights.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    max_time_s: float | None = Field(None, gt=0, description="Wall-clock budget per iteration.")
+
+
+class TrainingConfig(_Section):
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 0 supervised fine-tuning.")
+    ipr: IPRTrainConfig = Field(default_factory=IPRTrainConfig, description="Stage 4 mixed-loss training.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Training precision; auto = bf16 on supporting GPUs, fp32 on CPU.")
+
+
+class PipelineConfig(_Section):
+    iterations: int = Field(3, ge=0, description="IPR iterations K (paper: up to 4).")
+    early_stop: bool = Field(False, description="Stop when held-out reward falls below the best so far.")
+    task_runner: Literal["threads", "dask", "ray"] = Field("threads", description="Prefect task runner for mapped shards.")
+    max_workers: int = Field(2, ge=1, description="Thread-pool / local-cluster workers.")
+    dask_address: str | None = Field(None, description="Existing Dask scheduler address; None starts a LocalCluster.")
+    retries: int = Field(2, ge=0, description="Retries for transient errors (I/O, model server, env crash).")
+    retry_delay_s: float = Field(2.0, ge=0, description="Initial retry delay, doubled per retry.")
+    eval_base: bool = Field(True, description="Evaluate the untrained base model too (for the per-iteration table).")
+
+
+class StorageConfig(_Section):
+    root: str = Field("./artifacts", description="Artifact root: a local directory, s3://bucket/prefix or any fsspec URL.")
+    part_rows: int = Field(50_000, ge=1, description="Rows per Parquet part file.")
+
+
+class IPRConfig(_Section):
+    """Root config of an IPR run (the Prefect flow parameter)."""
+
+    run_name: str = Field("ipr-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: the artifact folder under storage.root.")
+    seed: int = Field(0, description="Run seed; every other seed derives from it via hashlib.")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="Environment and task counts.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and generation backend.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Generation settings.")
+    mc: MCConfig = Field(default_factory=MCConfig, description="Monte Carlo step rewards (Stage 1).")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Contrastive pair construction (Stage 3).")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="SFT and IPR training.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Artifact storage.")
+
+    def digest(self) -> str:
+        """Stable content digest of the config (order-independent JSON)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {loc}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars: "3" -> 3, "true" -> True, "null" -> None, "[1,2]" -> list.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides to a nested dict (a copy is returned)."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None) -> IPRConfig:
+    """Load a YAML config (or the defaults), apply overrides, validate."""
+    data: dict[str, Any] = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+        data.update(loaded)
+        source = str(p)
+    data = apply_overrides(data, overrides)
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return IPRConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def config_from_json(data: Mapping[str, Any] | IPRConfig) -> IPRConfig:
+    """Validate a config given as a mapping (e.g. a Prefect parameter)."""
+    if isinstance(data, IPRConfig):
+        return data
+    try:
+        return IPRConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, "parameters")) from None
