@@ -1,0 +1,1 @@
+"""Prefect flows: the IPR parent pipeline and its per-iteration subflow."""

@@ -1,0 +1,19 @@
+"""Deployment entrypoint: the pipeline with a config file path as its parameter.
+
+Deployments (prefect.yaml) run this flow so the schedule can point at a YAML
+config in the pulled project, with per-deployment overrides.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.ipr_pipeline import ipr_pipeline, task_runner
+from ipr_core.config import load_config
+
+
+@flow(name="ipr-from-config", log_prints=True)
+def ipr_from_config(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict:
+    """Load a YAML config (+ key.path=value overrides) and run the IPR pipeline."""
+    cfg = load_config(config_path, overrides or [])
+    return ipr_pipeline.with_options(task_runner=task_runner(cfg))(cfg)
