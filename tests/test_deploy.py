@@ -1,0 +1,52 @@
+"""prefect.yaml deploys to a local server and a process worker completes a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from prefect_fixtures import VENV_BIN, prefect_server  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("minigrid")
+
+FAST = [
+    "env.train_tasks=2", "env.eval_tasks=2", "mc.n_rollouts=1", "mc.shard_size=2", "pipeline.iterations=1", "pipeline.eval_base=false",
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=64",
+    "model.tiny.vocab_size=320", "model.tiny.tokenizer_corpus_episodes=4", "sampling.max_new_tokens=8", "sampling.history_turns=1",
+    "training.sft.epochs=1", "training.sft.max_time_s=5", "training.sft.expert_episodes_multiplier=1", "training.ipr.epochs=1", "training.ipr.max_time_s=5",
+]
+
+
+def _prefect(args, env, timeout=300):
+    out = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_deploy_and_worker_run(prefect_server, tmp_path):  # noqa: F811
+    api, env = prefect_server
+    env = {**env, "IPR_FLOW_HOME": str(ROOT)}
+    pool = "ipr-test-pool"
+    _prefect(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
+    # deploy every deployment in prefect.yaml onto the test pool
+    _prefect(["deploy", "--all", "--no-prompt", "--pool", pool], env)
+    overrides = FAST + [f"storage.root={tmp_path / 'artifacts'}", "run_name=deployed"]
+    out = _prefect(["deployment", "run", "ipr-from-config/demo", "--param", f"overrides={json.dumps(overrides)}"], env)
+    assert "Created flow run" in out
+    worker = subprocess.run([str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    # the flow run completed, and the nightly deployment carries its cron schedule
+    req = urllib.request.Request(f"{api}/flow_runs/filter", data=json.dumps({"flow_runs": {"name": {"any_": []}}}).encode(), headers={"Content-Type": "application/json"})
+    runs = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    states = {r["name"]: r["state"]["type"] for r in runs if r.get("deployment_id")}
+    assert "COMPLETED" in states.values(), states
+    deps = json.loads(urllib.request.urlopen(urllib.request.Request(f"{api}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"}), timeout=30).read())
+    nightly = next(d for d in deps if d["name"] == "nightly")
+    assert any(s["schedule"].get("cron") == "0 2 * * *" for s in nightly["schedules"])
+    assert (tmp_path / "artifacts" / "deployed" / "iter-01" / "model" / "_MANIFEST.json").exists()
