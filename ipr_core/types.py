@@ -114,7 +114,7 @@ class Trajectory:
 # --- the ReAct format, one parser for every environment -----------------------------
 
 _THOUGHT = re.compile(r"^\s*thought\s*:\s*", re.IGNORECASE)
-_ACTION = re.compile(r"(?im)^\s*action\s*:\s*")
+_ACTION = re.compile(r"(?im)^[ \t]*action[ \t]*:[ \t]*")
 
 
 class MalformedAction(ValueError):

@@ -1,0 +1,155 @@
+"""Environment benchmark: start-up, reset and step latency, expert success, memory.
+
+    .venv/bin/python bench/envs.py [--quick] [--only babyai,scienceworld]
+
+For each entry of ENV_SPECS: build the environment (start-up time: a JVM for
+TextWorld-Express and ScienceWorld), list tasks, replay the expert on each
+(expert success, mean reward, mean length), then time ``reset`` and ``step``
+over >= MIN_STEPS expert steps (medians), and report the memory of the
+process that runs the simulator (the JVM's RSS for JVM-backed environments,
+"in-process" otherwise: BabyAI lives in the caller's Python process). Entries whose package or service
+is missing are reported as skipped, so more environments (InterCode-SQL) plug
+in by adding a spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ipr_core.envs.base import EnvError, make_env  # noqa: E402
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    label: str
+    env: str  # registry name
+    options: dict[str, Any] = field(default_factory=dict)
+    n_tasks: int = 20  # tasks whose expert is replayed
+    split: str = "train"
+
+
+ENV_SPECS: list[EnvSpec] = [
+    EnvSpec("babyai GoToRedBallNoDists", "babyai", {"level": "BabyAI-GoToRedBallNoDists-v0"}, 100),
+    EnvSpec("babyai GoToObj", "babyai", {"level": "BabyAI-GoToObj-v0"}, 100),
+    EnvSpec("babyai GoToLocalS8N2", "babyai", {"level": "BabyAI-GoToLocalS8N2-v0"}, 100),
+    EnvSpec("babyai GoToLocal", "babyai", {"level": "BabyAI-GoToLocal-v0"}, 100),
+    EnvSpec("twx twc", "textworld_express", {"game": "twc"}, 30),
+    EnvSpec("twx cookingworld", "textworld_express", {"game": "cookingworld"}, 20),
+    EnvSpec("twx coin", "textworld_express", {"game": "coin"}, 30),
+    EnvSpec("twx mapreader", "textworld_express", {"game": "mapreader"}, 30),
+    EnvSpec("scienceworld (27 tasks x 1 variation)", "scienceworld", {}, 27),
+    # Added when its adapter lands (needs a MySQL/MariaDB server on 127.0.0.1):
+    EnvSpec("intercode_sql", "intercode_sql", {}, 20),
+]
+MIN_STEPS = 200
+
+
+def _rss(pid: int | None = None) -> int | None:
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def bench(spec: EnvSpec, n_tasks: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    env = make_env(spec.env, spec.options)
+    try:
+        tasks = env.list_tasks(spec.split, n=n_tasks, seed=0)
+        startup = time.perf_counter() - t0  # includes the first listing: JVM start + task tables
+        plans, ok, rewards, lengths = [], 0, [], []
+        t_expert = time.perf_counter()
+        for task in tasks:
+            plan = env.expert(task) or []
+            plans.append((task, [a for _, a in plan]))
+            env.reset(task)
+            r = None
+            for _, a in plan:
+                r = env.step(a)
+                if r.done:
+                    break
+            ok += bool(r and r.info.get("success"))
+            rewards.append(r.reward if r else 0.0)
+            lengths.append(len(plan))
+        expert_s = time.perf_counter() - t_expert
+        resets, same_resets, steps = [], [], []
+        while len(steps) < MIN_STEPS:
+            for task, actions in plans:
+                t = time.perf_counter()
+                env.reset(task)  # a different task than the last episode's
+                resets.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                env.reset(task)  # the same task again: what restoring a prefix costs
+                same_resets.append(time.perf_counter() - t)
+                for a in actions:
+                    t = time.perf_counter()
+                    r = env.step(a)
+                    steps.append(time.perf_counter() - t)
+                    if r.done:
+                        break
+            if not steps:
+                break
+        pid = getattr(env, "pid", None)
+        mem = _rss(pid) if pid else None  # in-process simulators share this process
+        return {
+            "env": spec.label,
+            "startup_s": startup,
+            "reset_ms": statistics.median(resets) * 1e3,
+            "same_reset_ms": statistics.median(same_resets) * 1e3,
+            "step_ms": statistics.median(steps) * 1e3,
+            "steps_timed": len(steps),
+            "experts": f"{ok}/{len(tasks)}",
+            "expert_reward": statistics.fmean(rewards) if rewards else 0.0,
+            "expert_len": statistics.fmean(lengths) if lengths else 0.0,
+            "expert_s_per_task": expert_s / max(1, len(tasks)),
+            "rss_mb": mem / 2**20 if mem else None,
+        }
+    finally:
+        env.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a quarter of the tasks per environment")
+    ap.add_argument("--only", default=None, help="comma-separated registry names to run (default: all)")
+    args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    rows, skipped = [], []
+    for spec in ENV_SPECS:
+        if only and spec.env not in only:
+            continue
+        n = max(2, spec.n_tasks // 4) if args.quick else spec.n_tasks
+        print(f"... {spec.label} ({n} tasks)", file=sys.stderr, flush=True)
+        try:
+            rows.append(bench(spec, n))
+        except (ImportError, EnvError, ConnectionError, OSError, ValueError) as e:
+            skipped.append((spec.label, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+    print(f"\nEnvironment benchmark ({os.cpu_count()} CPUs, medians; step = expert actions, >= {MIN_STEPS} timed)\n")
+    print("| environment | start-up s | reset ms (new task) | reset ms (same task) | step ms | expert success | expert reward | expert steps | RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rss = f"{r['rss_mb']:.0f} (JVM)" if r["rss_mb"] is not None else "in-process"
+        print(
+            f"| {r['env']} | {r['startup_s']:.2f} | {r['reset_ms']:.2f} | {r['same_reset_ms']:.2f} | {r['step_ms']:.3f} | {r['experts']} | "
+            f"{r['expert_reward']:.3f} | {r['expert_len']:.1f} | {rss} |"
+        )
+    for label, why in skipped:
+        print(f"| {label} | skipped: {why} | | | | | | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
