@@ -137,8 +137,7 @@ def parse_react(text: str) -> tuple[str, str]:
         raise MalformedAction(f"no 'Action:' line in model output {text[:120]!r}")
     m = matches[0]
     thought = _THOUGHT.sub("", text[: m.start()], count=1).strip()
-    rest = text[m.end() :].strip()
-    action = rest.splitlines()[0].strip() if rest else ""
+    action = text[m.end() :].split("\n", 1)[0].strip()
     if not action:
         raise MalformedAction(f"empty action in model output {text[:120]!r}")
     return thought, action

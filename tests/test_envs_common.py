@@ -204,3 +204,11 @@ def test_killed_jvm_raises_env_error_and_reset_restarts_it():
         assert not env.step("look around").info["invalid"]
     finally:
         env.close()
+
+
+def test_parse_react_empty_action_line_is_malformed():
+    from ipr_core.types import MalformedAction, parse_react
+
+    with pytest.raises(MalformedAction):
+        parse_react("Action:   \nThought: x")
+    assert parse_react("Thought: go\nAction: move forward\nObservation: x") == ("go", "move forward")
