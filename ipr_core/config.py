@@ -36,6 +36,7 @@ class EnvConfig(_Section):
     eval_split: str = Field("test", description="Split used for held-out evaluation.")
     max_steps: int | None = Field(None, ge=1, description="Episode step limit; None uses the adapter's default (paper: 10 WebShop/SQL, 20 ALFWorld).")
     workers: int = Field(4, ge=1, description="Threads stepping slow environments (JVM-backed) in the rollout runner.")
+    concurrency: int | None = Field(None, ge=1, description="Episodes in flight (one environment instance each); None = sampling.batch_size. Keep small for JVM-backed environments (~0.5 GB each).")
 
 
 class TinyModelConfig(_Section):

@@ -314,6 +314,7 @@ def run_specs(
     history: int | None,
     workers: int = 1,
     batch_size: int | None = None,
+    concurrency: int | None = None,
     progress: str | None = None,
 ) -> list[Trajectory]:
     """Run episode specs through the lock-step runner (one place to change it)."""
@@ -321,7 +322,7 @@ def run_specs(
 
     if not specs:
         return []
-    return run_episodes(make_env, policy, specs, sampling, history=history, workers=workers, batch_size=batch_size, progress=progress)
+    return run_episodes(make_env, policy, specs, sampling, history=history, workers=workers, batch_size=batch_size, concurrency=concurrency, progress=progress)
 
 
 def reward_stats(rows: Sequence[Mapping]) -> dict:

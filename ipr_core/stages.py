@@ -123,7 +123,7 @@ def shard_of(items: Sequence, shard: int, size: int) -> list:
 
 def _run(cfg: IPRConfig, policy, specs, sampling: SamplingParams, progress: str) -> list[Trajectory]:
     return ipr.run_specs(
-        _env_factory(cfg), policy, specs, sampling, history=cfg.sampling.history_turns, workers=cfg.env.workers, batch_size=cfg.sampling.batch_size, progress=progress
+        _env_factory(cfg), policy, specs, sampling, history=cfg.sampling.history_turns, workers=cfg.env.workers, batch_size=cfg.sampling.batch_size, concurrency=cfg.env.concurrency, progress=progress
     )
 
 

@@ -52,7 +52,9 @@ class Step:
         return cls(row["thought"], row["action"], row["observation"], float(row["reward"]))
 
     def assistant_text(self) -> str:
-        return format_react(self.thought, self.action)
+        # A malformed reply (no usable action, see rollout.malformed_step) is kept
+        # verbatim in ``thought`` with ``action == ""``: render what was said.
+        return format_react(self.thought, self.action) if self.action else self.thought
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ NOT_TRANSIENT: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionE
 
 
 def is_transient(exc: BaseException | None) -> bool:
+    if getattr(exc, "retryable", True) is False:  # e.g. an HTTP 401/400 from a model server
+        return False
     return isinstance(exc, TRANSIENT) and not isinstance(exc, NOT_TRANSIENT)
 
 

@@ -1,0 +1,55 @@
+"""Build the configured generation backend: one place that knows them all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ipr_core.config import ModelConfig, SamplingConfig
+from ipr_core.policies.base import Policy
+
+
+def make_policy(model_cfg: ModelConfig, sampling_cfg: SamplingConfig, model_path: str) -> Policy:
+    """A Policy for ``model_cfg.backend``.
+
+    ``model_path``: a local checkpoint folder for ``transformers``; for
+    ``openai`` the served model name unless ``model.openai.model`` names it
+    (``vllm serve PATH`` serves under PATH); for ``vllm`` a local folder or a
+    store URI (fetched through the store's checkpoint cache).
+    """
+    backend = model_cfg.backend
+    if backend == "transformers":
+        from ipr_core.policies.hf import TransformersPolicy
+
+        return TransformersPolicy(
+            model_path,
+            device=model_cfg.device,
+            dtype=model_cfg.dtype,
+            batch_size=sampling_cfg.batch_size,
+            prefix_sharing=sampling_cfg.prefix_sharing,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    if backend == "openai":
+        from ipr_core.policies.openai_http import OpenAIChatPolicy
+
+        o = model_cfg.openai
+        return OpenAIChatPolicy(
+            o.base_url,
+            o.model or model_path,
+            api_key=os.environ.get(o.api_key_env) or None,
+            timeout_s=o.timeout_s,
+            max_concurrency=o.max_concurrency,
+            max_retries=o.max_retries,
+            backoff_s=o.backoff_s,
+        )
+    if backend == "vllm":
+        from ipr_core.policies.vllm_backend import VLLMPolicy, _import_vllm
+
+        _import_vllm()  # fail with the install hint before fetching a checkpoint
+        local = model_path
+        if not Path(model_path).is_dir():
+            from ipr_core.store import read_checkpoint
+
+            local = str(read_checkpoint(model_path))
+        return VLLMPolicy(local, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
+    raise ValueError(f"unknown model.backend {backend!r}; expected transformers, openai or vllm")

@@ -1,0 +1,401 @@
+"""In-process transformers backend: batched, seeded, with shared-prefix prefill.
+
+Most of IPR's cost is generation (expert MC, exploration, agent MC, eval), so
+this backend does what ``model.generate`` does not do for us:
+
+- Shared prefixes (DESIGN.md): MC asks for N rollouts from the same state, i.e.
+  N identical conversations in one call. ``generate(num_return_sequences=N)``
+  would prefill that prompt N times; here each distinct prompt is prefilled
+  once into a ``DynamicCache`` whose rows are then repeated
+  (``batch_select_indices`` with repeated indices: ``batch_repeat_interleave``
+  with a count per prompt). Going one step further, the head that all distinct
+  prompts of a batch share (system prompt, often the task) is prefilled once
+  as a single row before their tails.
+- Per-request seeds: each row samples from its own ``torch.Generator`` (one
+  uniform per token, inverse CDF), so a request's text depends on its
+  conversation and seed, not on what else is in the batch.
+- A manual decode loop that drops finished rows from the cache, so a batch's
+  cost follows its live rows rather than its longest answer, and appends to
+  reserved KV room instead of re-concatenating the cache every token.
+
+Batch independence is exact in the sampling; the logits themselves can differ
+in the last bits between batch shapes (GEMM blocking, padding). In fp32 that
+practically never changes a token (CPU: every test equal; H100 fp32: 13/13
+greedy, 12/13 sampled texts of a chaotic random 135M-shaped model). In bf16 it
+does (same H100 check: 5/13 greedy equal across batch shapes), so on GPUs
+"whatever the batch" holds only approximately; a fixed schedule (the runner's
+is deterministic) still reproduces its results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ipr_core.policies.base import PolicyError, SamplingParams
+from ipr_core.policies.tiny import IM_END, load_tokenizer
+from ipr_core.types import Message
+
+log = logging.getLogger(__name__)
+
+MIN_SHARED_HEAD = 8  # tokens; below this a separate head prefill costs more than it saves
+
+
+@dataclass
+class GenerationStats:
+    """Counters since construction (or ``reset_stats``), for benchmarks and logs."""
+
+    calls: int = 0  # generate() calls
+    requests: int = 0  # conversations answered
+    prefills: int = 0  # prompts actually run through the model
+    prefill_tokens: int = 0  # prompt tokens run through the model (padding excluded)
+    padded_prefill_tokens: int = 0  # the same including left padding
+    generated_tokens: int = 0  # sampled tokens, stop tokens included
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
+    """auto: bfloat16 on a CUDA device that supports it, float32 otherwise."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16") from None
+
+
+def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) from a local checkpoint folder, in eval mode on ``device``.
+
+    The tokenizer goes through ``tiny.load_tokenizer`` so locally trained BPEs
+    reload as themselves (DESIGN.md tokenizer gotcha).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    model.to(dev).eval()
+    return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def _stop_ids(tokenizer, model) -> frozenset[int]:
+    """End of the assistant turn: <|im_end|> (ChatML) plus whatever eos the checkpoint declares."""
+    ids: set[int] = set()
+    vocab = tokenizer.get_vocab()
+    if IM_END in vocab:
+        ids.add(vocab[IM_END])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if not ids:
+        raise ValueError("the tokenizer declares no eos token and has no <|im_end|>: cannot tell where a turn ends")
+    return frozenset(ids)
+
+
+class TransformersPolicy:
+    """``Policy`` over a local transformers checkpoint.
+
+    Not thread-safe: one ``generate`` at a time (the runner calls it from one thread).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 32,
+        prefix_sharing: bool = True,
+        trust_remote_code: bool = False,
+    ):
+        model, tokenizer = load_model(model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        self._setup(model, tokenizer, batch_size, prefix_sharing)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, batch_size: int = 32, prefix_sharing: bool = True) -> "TransformersPolicy":
+        """Wrap an already loaded model (e.g. evaluating during training)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, batch_size, prefix_sharing)
+        return self
+
+    def _setup(self, model, tokenizer, batch_size: int, prefix_sharing: bool) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.prefix_sharing = prefix_sharing
+        self.stats = GenerationStats()
+        self.stop_ids = _stop_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.2x names the KV cache argument ``cache``; earlier ``past_key_values``.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_logits = "logits_to_keep" in params
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def reset_stats(self) -> None:
+        self.stats = GenerationStats()
+
+    def encode(self, conversation: Sequence[Message]) -> list[int]:
+        """Prompt token ids: the chat template with the assistant turn opened."""
+        text = self.tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, conversations: Sequence[Sequence[Message]], sampling: SamplingParams, seeds: Sequence[int]) -> list[str]:
+        if len(conversations) != len(seeds):
+            raise ValueError(f"{len(conversations)} conversations but {len(seeds)} seeds")
+        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+            raise ValueError(f"invalid sampling {sampling}: temperature must be >= 0 and 0 < top_p <= 1")
+        self.stats.calls += 1
+        self.stats.requests += len(conversations)
+        if not conversations:
+            return []
+        prompts = [self.encode(c) for c in conversations]
+        out: list[str | None] = [None] * len(prompts)
+        for chunk in self._chunks(prompts):
+            for req, text in self._generate_chunk(chunk, sampling, seeds).items():
+                out[req] = text
+        assert all(t is not None for t in out)
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.model = None  # drop the reference; the caller may free CUDA memory afterwards
+
+    # --- batching --------------------------------------------------------------------
+
+    def _chunks(self, prompts: list[list[int]]) -> list[list[tuple[list[int], list[int]]]]:
+        """Batches of (prompt ids, request indices) with at most ``batch_size`` rows.
+
+        Identical prompts form one unit (prefilled once) when prefix sharing is
+        on. Units are ordered by length so each batch pads little.
+        """
+        units: dict[Any, tuple[list[int], list[int]]] = {}
+        for i, ids in enumerate(prompts):
+            key = tuple(ids) if self.prefix_sharing else i
+            units.setdefault(key, (ids, []))[1].append(i)
+        ordered = sorted(units.values(), key=lambda u: (-len(u[0]), u[1][0]))
+        chunks: list[list[tuple[list[int], list[int]]]] = []
+        cur: list[tuple[list[int], list[int]]] = []
+        rows = 0
+        for ids, reqs in ordered:
+            # A unit bigger than a batch is split; each piece is prefilled once.
+            for k in range(0, len(reqs), self.batch_size):
+                piece = reqs[k : k + self.batch_size]
+                if rows + len(piece) > self.batch_size:
+                    chunks.append(cur)
+                    cur, rows = [], 0
+                cur.append((ids, piece))
+                rows += len(piece)
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    @staticmethod
+    def _shared_head(prompts: list[list[int]]) -> int:
+        """Tokens at the start of every prompt, leaving each at least one of its
+        own (its logits come from its tail). Worth a separate forward only when
+        several prompts share a real head."""
+        if len(prompts) < 2:
+            return 0
+        n = min(len(p) for p in prompts) - 1
+        first = prompts[0]
+        for p in prompts[1:]:
+            k = 0
+            while k < n and p[k] == first[k]:
+                k += 1
+            n = k
+        return n if n >= MIN_SHARED_HEAD else 0
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        kw = {self._cache_kw: cache, "use_cache": True}
+        if self._keep_logits:
+            kw["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+        return out.logits[:, -1, :].float()
+
+    def _generate_chunk(self, units: list[tuple[list[int], list[int]]], sampling: SamplingParams, seeds: Sequence[int]) -> dict[int, str]:
+        import torch
+        from transformers import DynamicCache
+
+        if self.model is None:
+            raise PolicyError("generate() after close()")
+        dev = self.device
+        t0 = time.perf_counter()
+        with torch.inference_mode(), _attention_backends(dev):
+            cache = _reserved_cache(DynamicCache(config=self.model.config), sampling.max_new_tokens)
+            prompts = [ids for ids, _ in units]
+            # 1. The head every distinct prompt shares (the system prompt, the
+            # task...): prefilled once as a single row, then repeated.
+            shared = self._shared_head(prompts) if self.prefix_sharing else 0
+            if shared:
+                head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=dev)
+                self._forward(head, torch.ones_like(head), torch.arange(shared, device=dev)[None], cache)
+                cache.batch_select_indices(torch.zeros(len(units), dtype=torch.long, device=dev))
+                self.stats.prefill_tokens += shared
+                self.stats.padded_prefill_tokens += shared
+            # 2. Every distinct prompt's tail once, left-padded so the last column
+            # is each row's next-token position (pads sit between head and tail,
+            # masked out).
+            tails = [ids[shared:] for ids in prompts]
+            width = max(len(t) for t in tails)
+            input_ids = torch.full((len(units), width), self.pad_id, dtype=torch.long)
+            tail_mask = torch.zeros((len(units), width), dtype=torch.long)
+            for u, t in enumerate(tails):
+                input_ids[u, width - len(t) :] = torch.tensor(t, dtype=torch.long)
+                tail_mask[u, width - len(t) :] = 1
+            input_ids, tail_mask = input_ids.to(dev), tail_mask.to(dev)
+            mask = torch.cat([tail_mask.new_ones((len(units), shared)), tail_mask], dim=1)
+            # Positions count real tokens only, so padding does not shift RoPE.
+            pos = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self._forward(input_ids, mask, pos, cache)
+            self.stats.prefills += len(units)
+            self.stats.prefill_tokens += sum(len(t) for t in tails)
+            self.stats.padded_prefill_tokens += len(units) * width
+
+            # Repeat each unit's cache row once per request that shares it.
+            row_unit = [u for u, (_, reqs) in enumerate(units) for _ in reqs]
+            row_req = [r for _, reqs in units for r in reqs]
+            next_pos = pos[:, -1] + 1
+            if len(row_unit) != len(units):
+                idx = torch.tensor(row_unit, device=dev)
+                cache.batch_select_indices(idx)
+                mask, logits, next_pos = mask[idx], logits[idx], next_pos[idx]
+            t1 = time.perf_counter()
+            self.stats.prefill_s += t1 - t0
+
+            # CPU generators: the same seed gives the same draws on any device.
+            gens = [torch.Generator().manual_seed(int(seeds[r]) % (1 << 63)) for r in row_req] if sampling.temperature > 0 else None
+            tokens: list[list[int]] = [[] for _ in row_req]
+            live = list(range(len(row_req)))  # batch position -> row
+            for t in range(sampling.max_new_tokens):
+                nxt = self._pick(logits, sampling, [gens[r] for r in live] if gens else None)
+                self.stats.generated_tokens += len(live)
+                keep = []
+                for j, tok in enumerate(nxt.tolist()):
+                    if tok in self.stop_ids:
+                        continue
+                    tokens[live[j]].append(tok)
+                    keep.append(j)
+                if not keep or t == sampling.max_new_tokens - 1:
+                    break
+                if len(keep) < len(live):
+                    # Drop finished rows so later steps cost only live rows.
+                    kidx = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(kidx)
+                    mask, next_pos, nxt = mask[kidx], next_pos[kidx], nxt[kidx]
+                    live = [live[j] for j in keep]
+                mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+                logits = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
+                next_pos = next_pos + 1
+            self.stats.decode_s += time.perf_counter() - t1
+        return {row_req[i]: self.tokenizer.decode(toks, skip_special_tokens=True) for i, toks in enumerate(tokens)}
+
+    @staticmethod
+    def _pick(logits, sampling: SamplingParams, gens):
+        """Next token per row: argmax at temperature 0, else nucleus sampling by
+        inverse CDF with one uniform from the row's own generator."""
+        import torch
+
+        if sampling.temperature == 0 or gens is None:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        order = None
+        if sampling.top_p < 1.0:
+            probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            # Keep the smallest head whose mass reaches top_p (the first token always).
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, 0.0)
+        cdf = probs.cumsum(-1)
+        u = torch.tensor([torch.rand(1, generator=g).item() for g in gens], dtype=cdf.dtype, device=cdf.device)
+        # right=True skips flat (zero-probability) stretches of the CDF.
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+        return (order.gather(-1, idx) if order is not None else idx).squeeze(-1)
+
+
+def _attention_backends(device):
+    """Keep SDPA off cuDNN attention on CUDA.
+
+    cuDNN builds an execution plan per new shape, and decoding makes a new
+    shape (KV length) at every step: measured on an H100, 93-152 ms per decode
+    step cold vs 4-7 ms with the plans cached. Flash / memory-efficient
+    attention need no plans.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to steer
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _reserved_cache(cache, room: int):
+    """Swap the cache's plain layers for ones that append into reserved room.
+
+    ``DynamicLayer.update`` concatenates the whole cache for every new token:
+    O(length) copying per step, a quarter of CPU decode time here. Reserving
+    ``room`` slots at prefill makes each decode step a slice write. Layers of
+    other kinds (sliding window, linear attention) are left as they are.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._n = 0
+                self._kv = None
+            n = self._n + key_states.shape[-2]
+            if self._kv is None or n > self._kv[0].shape[-2]:
+                grown = []
+                for old, new in zip(self._kv or (None, None), (key_states, value_states)):
+                    buf = new.new_empty(*new.shape[:-2], n + room, new.shape[-1])
+                    if old is not None:
+                        buf[..., : self._n, :] = old[..., : self._n, :]
+                    grown.append(buf)
+                self._kv = tuple(grown)
+            self._kv[0][..., self._n : n, :] = key_states
+            self._kv[1][..., self._n : n, :] = value_states
+            self._n = n
+            self.keys, self.values = self._kv[0][..., :n, :], self._kv[1][..., :n, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized and self._kv is not None:
+                self._kv = (self._kv[0][indices, ...], self._kv[1][indices, ...])
+                self.keys, self.values = self._kv[0][..., : self._n, :], self._kv[1][..., : self._n, :]
+
+        def _unsupported(self, *args, **kwargs):
+            raise NotImplementedError("ReservedLayer supports update and batch_select_indices only (the decode loop's needs)")
+
+        crop = reorder_cache = batch_repeat_interleave = _unsupported
+
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list) and layers and all(type(layer) is DynamicLayer for layer in layers):
+        cache.layers = [ReservedLayer() for _ in layers]
+    return cache

