@@ -148,3 +148,12 @@ def test_dask_runner_runs_a_stage(tmp_path):
 
     assert f() == [0, 1, 4]
 
+
+
+def test_non_retryable_http_errors_are_not_transient():
+    from ipr_core.policies.base import PolicyError
+
+    class Auth(PolicyError):
+        retryable = False
+
+    assert is_transient(PolicyError("503")) and not is_transient(Auth("401 from http://127.0.0.1"))
