@@ -56,7 +56,9 @@ _TRAJ_FIELDS = (
     ("outcome_reward", pa.float64(), False),
     ("success", pa.bool_(), False),
     ("done", pa.bool_(), False),  # False: cut by the step limit
-    ("seed", pa.int64(), False),
+    ("seed", pa.int64(), False),  # the episode's sampling seed
+    ("task_seed", pa.int64(), False),  # the task's own seed: reset(task) restores it
+    ("task_meta", pa.string(), False),  # JSON of the task's adapter-specific fields
     ("error", pa.string(), True),  # set when the episode crashed (never silently dropped)
 )
 

@@ -87,12 +87,16 @@ class Trajectory:
             "success": bool(self.success),
             "done": bool(self.done),
             "seed": int(self.seed),
+            "task_seed": int(self.task.seed),
+            "task_meta": json.dumps(dict(self.task.meta), sort_keys=True),
             "error": self.error,
         }
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], task: Task | None = None) -> "Trajectory":
-        task = task or Task(row["task_id"], row["env"], row["split"], int(row["seed"]))
+        # The task (its own seed and meta) is what reset() needs to restore the
+        # episode; ``seed`` is the episode's sampling seed, a different number.
+        task = task or Task(row["task_id"], row["env"], row["split"], int(row["task_seed"]), json.loads(row["task_meta"]))
         return cls(
             traj_id=row["traj_id"],
             task=task,

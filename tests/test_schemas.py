@@ -61,3 +61,9 @@ def test_unknown_kind():
 def test_rows_with_wrong_keys():
     with pytest.raises(SchemaError, match="row 0 of metrics: missing \\['step'\\]"):
         from_rows([{"name": "x", "value": 1.0}], "metrics")
+
+
+def test_trajectory_keeps_task_seed_and_meta_apart_from_episode_seed():
+    t = Trajectory("b1", Task("t9", "babyai", "train", 123, {"level": "L"}), "agent", "s", "i", (), 0, 0.0, False, True, seed=999)
+    back = Trajectory.from_row(from_rows([t.to_row()], "trajectories").to_pylist()[0])
+    assert back.task == t.task and back.seed == 999
