@@ -169,7 +169,8 @@ def ipr_pipeline(config: IPRConfig) -> dict:
     agent_rewards: dict[int, str] = {}
     for k in range(1, cfg.pipeline.iterations + 1):
         reference = sft if cfg.training.ipr.reference == "sft" else policy
-        out = ipr_iteration(cfg_json, k, policy, sft, reference, experts, expert_rewards, eval_tasks_uri)
+        # the subflow maps its shards on the same kind of runner as the parent
+        out = ipr_iteration.with_options(task_runner=task_runner(cfg))(cfg_json, k, policy, sft, reference, experts, expert_rewards, eval_tasks_uri)
         executed += out["executed"]
         rows.append(out["row"])
         agent_rewards[k] = out["agent_rewards_uri"]

@@ -22,7 +22,7 @@ def iteration_table(rows: Sequence[Mapping]) -> str:
     for r in rows:
         def f(key, fmt):
             v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+            return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(int(fmt.rstrip("fd").split(".")[0]))
 
         lines.append(f"{r['model']:<10} {f('success_rate', '8.3f')} {f('mean_reward', '8.3f')} {f('outcome_pairs', '14d')} {f('step_pairs', '11d')} {f('train_loss', '11.4f')}")
     return "\n".join(lines)

@@ -91,10 +91,10 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", t
     The tokenizer goes through ``tiny.load_tokenizer`` so locally trained BPEs
     reload as themselves (DESIGN.md tokenizer gotcha).
     """
-    from transformers import AutoModelForCausalLM
+    from ipr_core.policies.tiny import load_causal_lm
 
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
     model.to(dev).eval()
     return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
 

@@ -11,6 +11,7 @@ config of ~1-5 M parameters, saved as a normal transformers folder
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -28,6 +29,22 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+# transformers 5 builds models on the meta device and fills them in while
+# loading; two threads loading at once (Prefect's thread-pool task runner runs
+# shards side by side) can leave a model half on "meta" ("Cannot copy out of
+# meta tensor", tied weights reported missing). Loading is cheap next to
+# generation and training, so it is serialised with this process-wide lock.
+_LOAD_LOCK = threading.Lock()
+
+
+def load_causal_lm(path: str | Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` made safe to call from several threads."""
+    from transformers import AutoModelForCausalLM
+
+    with _LOAD_LOCK:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):
