@@ -1,0 +1,380 @@
+"""What SFT and the IPR trainer share: runtime (device, precision, processes),
+loading, the target log-prob scorer, batch planning, optimiser, budget,
+checkpoints and results.
+
+CPU-safe by construction (DESIGN.md: TRL's bf16 and gradient-checkpointing
+defaults break on CPU): precision "auto" is bf16 autocast only on CUDA with bf16
+support, fp32 elsewhere; no gradient checkpointing. Several GPUs work through
+``accelerate launch`` (DDP via ``Accelerator.prepare``); one process is the
+same code with a world size of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ipr_core.training.data import Encoded, collate
+from ipr_core.training.losses import IGNORE, sequence_logps, target_logps
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training call did. ``history`` has one dict per optimiser step
+    (SFT: loss, lr, grad_norm; IPR: total, dpo_outcome, dpo_step, sft,
+    reward_acc, margin, ..., where a term absent from a step is absent from its
+    dict rather than a misleading 0)."""
+
+    steps: int
+    wall_s: float  # the whole call: loading, tokenising, reference pass, training, saving
+    train_s: float  # the optimisation loop only
+    tokens: int  # non-padding tokens forwarded through the policy in the loop (all processes)
+    history: tuple[Mapping[str, float], ...] = field(default_factory=tuple)
+    stopped_by_budget: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_s if self.train_s > 0 else 0.0
+
+    def series(self, key: str) -> list[float]:
+        return [h[key] for h in self.history if key in h]
+
+    @property
+    def losses(self) -> list[float]:
+        """The optimised objective per step (IPR: Eq. 10's total; SFT: the NLL)."""
+        return self.series("total") or self.series("loss")
+
+    def summary(self) -> dict[str, Any]:
+        """Flat JSON-able metrics for manifests (``final_loss`` = last objective)."""
+        out: dict[str, Any] = {
+            "steps": self.steps,
+            "wall_s": round(self.wall_s, 3),
+            "train_s": round(self.train_s, 3),
+            "tokens": self.tokens,
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "stopped_by_budget": self.stopped_by_budget,
+            "final_loss": self.losses[-1] if self.losses else None,
+        }
+        if self.history:
+            for k, v in self.history[-1].items():
+                out[f"final_{k}"] = v
+        return out
+
+
+# --- runtime -----------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Device, autocast dtype and process group of one training call."""
+
+    accelerator: Any
+    dtype: torch.dtype | None  # autocast dtype; None = fp32
+
+    @classmethod
+    def create(cls, precision: str) -> "Runtime":
+        from accelerate import Accelerator
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+        # Mixed precision is our own autocast (below), so accelerate's global
+        # state is always "no" and never conflicts between calls in one process.
+        # cpu=True without CUDA: lets `torchrun`/`accelerate launch` run several CPU processes (gloo).
+        acc = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+        cuda = acc.device.type == "cuda"
+        if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision='bf16' but this GPU does not support bfloat16; use 'fp32'")
+        bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+        return cls(acc, torch.bfloat16 if bf16 else None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def no_sync(self, module: nn.Module, skip: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        return self.accelerator.no_sync(module) if skip and self.world > 1 else contextlib.nullcontext()
+
+    def sum_over_processes(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all processes (metrics; one small all-reduce)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when it is True on one (e.g. the time budget)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> random.Random:
+    """Seed torch (weights of LoRA adapters, any sampling) and return the data-order RNG."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return random.Random(seed)
+
+
+def load_model(path: str | Path, device: torch.device):
+    """A causal LM in fp32 (master weights; autocast does the bf16 math) with
+    dropout off, so that the policy's log-probs before the first update equal
+    the reference's (as TRL's ``disable_dropout``)."""
+    from ipr_core.policies.tiny import load_causal_lm
+
+    model = load_causal_lm(path, dtype=torch.float32)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path):
+    from ipr_core.policies.tiny import load_tokenizer as _load
+
+    return _load(path)
+
+
+def add_lora(model, r: int):
+    """Wrap ``model`` with LoRA adapters on every linear layer (peft)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - peft is in the lora extra
+        raise ImportError("training.ipr.lora=true needs peft: pip install 'ipr-flow[lora]'") from e
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def release_memory() -> None:
+    """Give a freed model's memory back (call after ``del model``)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+class TargetScorer(nn.Module):
+    """[B] summed log-probs of each sequence's target tokens.
+
+    Wraps the causal LM so one module is what DDP prepares and calls. Fast path:
+    run the backbone, then the LM head and the log-softmax only at target
+    positions, never materialising [B, T, V] logits (context tokens, often
+    most of a multi-turn segment, need hidden states but no logits). Models
+    that transform their logits (soft-capping, scaling) take the plain forward.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        cfg = self.core.config.get_text_config()
+        self.fast = all(getattr(cfg, k, None) is None for k in _LOGIT_TRANSFORMS) and self.core.base_model is not self.core
+
+    @property
+    def core(self):
+        """The transformers model (inside a peft wrapper, LoRA layers injected)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.fast:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return sequence_logps(logits, labels)
+        core = self.core
+        hidden = core.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        tgt = labels[:, 1:]
+        mask = tgt != IGNORE
+        logits = core.get_output_embeddings()(hidden[:, :-1][mask])
+        per_token = target_logps(logits, tgt[mask])
+        rows = mask.nonzero()[:, 0]
+        return per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+
+
+def forward_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: Runtime) -> torch.Tensor:
+    """[len(segs)] summed target log-probs, one forward pass (gradients flow)."""
+    ids, mask, labels = (x.to(rt.device) for x in collate(segs, pad_id))
+    with rt.autocast():
+        return scorer(ids, mask, labels).float()
+
+
+@torch.no_grad()
+def score_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: Runtime, max_tokens: int = 16384) -> torch.Tensor:
+    """forward_segments without gradients over many segments: sorted by length
+    and batched by padded size, so padding costs almost nothing. CPU float32."""
+    out = torch.zeros(len(segs))
+    order = sorted(range(len(segs)), key=lambda i: len(segs[i]))
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (j - i + 1) * len(segs[order[j]]) <= max_tokens:
+            j += 1
+        idx = order[i:j]
+        out[idx] = forward_segments(scorer, [segs[k] for k in idx], pad_id, rt).cpu()
+        i = j
+    return out
+
+
+def save_checkpoint(model: nn.Module, tok, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Save model (safetensors) + tokenizer so that both reload identically.
+
+    LoRA adapters are merged first so checkpoints stay plain transformers
+    folders; weights go back to the checkpoint's own dtype (``dtype``)."""
+    from ipr_core.policies.tiny import save_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if dtype is not None and dtype != torch.float32:
+        model = model.to(dtype)
+    model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True)
+    save_tokenizer(tok, out)
+    return out
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint was saved in (so training in fp32 does not double it)."""
+    from transformers import AutoConfig
+
+    d = getattr(AutoConfig.from_pretrained(str(path)), "dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
+
+
+# --- the optimisation loop's pieces ----------------------------------------------------
+
+
+class IndexStream:
+    """Endless shuffled epochs of range(n) from a seeded RNG (the experts of
+    the SFT term, drawn alongside the pairs)."""
+
+    def __init__(self, n: int, rng: random.Random):
+        self.n, self.rng, self.buf = n, rng, []
+
+    def take(self, k: int) -> list[int]:
+        while len(self.buf) < k:
+            nxt = list(range(self.n))
+            self.rng.shuffle(nxt)
+            self.buf += nxt
+        out, self.buf = self.buf[:k], self.buf[k:]
+        return out
+
+
+class EpochBatches:
+    """Global batches of a seeded shuffle per epoch; an epoch's last batch may
+    be smaller (nothing seen twice in an epoch, as HF's dataloaders). Every
+    process draws the same batches, so all know the global counts."""
+
+    def __init__(self, n: int, global_batch: int, epochs: float, rng: random.Random):
+        self.n, self.global_batch, self.rng = n, global_batch, rng
+        self.per_epoch = math.ceil(n / global_batch)
+        self.steps = max(1, math.ceil(epochs * self.per_epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.steps):
+            k = step % self.per_epoch
+            if k == 0:
+                order = list(range(self.n))
+                self.rng.shuffle(order)
+            yield order[k * self.global_batch : (k + 1) * self.global_batch]
+
+
+def micro_batches(indices: Sequence[int], grad_accum: int, world: int) -> list[list[list[int]]]:
+    """Split one step's global batch evenly: result[m][r] = micro-batch m of
+    process r (possibly empty when the batch is an epoch's short last one)."""
+    per = math.ceil(len(indices) / (grad_accum * world))
+    return [[list(indices[(m * world + r) * per : (m * world + r + 1) * per]) for r in range(world)] for m in range(grad_accum)]
+
+
+def or_placeholder(part: list[int], batch: Sequence[int], world: int) -> tuple[list[int], float]:
+    """(indices, loss scale) of a micro-batch. An empty one is skipped on one
+    process; with DDP it runs one item at scale 0, because every process must
+    join each gradient all-reduce."""
+    if part or world == 1:
+        return part, 1.0
+    return [batch[0]], 0.0
+
+
+def make_optimizer(model: nn.Module, lr: float, steps: int, warmup_ratio: float, scheduler: str, device: torch.device):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda")
+    sched = get_scheduler(scheduler, opt, num_warmup_steps=math.ceil(warmup_ratio * steps), num_training_steps=steps)
+    return opt, sched
+
+
+def optimizer_step(model: nn.Module, opt, sched, max_grad_norm: float = 1.0) -> float:
+    """Clip (as TRL/HF's default max_grad_norm=1), step, schedule; returns the grad norm."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class Budget:
+    """Wall-clock budget: training stops cleanly between steps once spent."""
+
+    def __init__(self, max_time_s: float | None):
+        self.t0 = time.perf_counter()
+        self.max = max_time_s
+
+    def spent(self) -> bool:
+        return self.max is not None and self.elapsed() >= self.max
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def progress_bar(total: int, desc: str | None, rt: Runtime):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=desc is None or not rt.is_main, unit="step", leave=False)
+
+
+def log_every(total: int) -> int:
+    return max(1, total // 10)

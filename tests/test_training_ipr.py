@@ -1,0 +1,345 @@
+"""Stage 4: the IPR trainer (Eq. 10) against TRL, by hand, and its options."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fake_env import SYSTEM, LineWorld, expert_steps, tiny_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from test_training_losses import NO_MARKERS_TEMPLATE  # noqa: E402
+
+from ipr_core.config import IPRTrainConfig  # noqa: E402
+from ipr_core.conversation import step_messages, trajectory_messages  # noqa: E402
+from ipr_core.policies.tiny import load_tokenizer, save_tokenizer  # noqa: E402
+from ipr_core.training.common import Runtime, TargetScorer, load_model, score_segments  # noqa: E402
+from ipr_core.training.data import collate  # noqa: E402
+from ipr_core.training.ipr_trainer import choose_reference, encode_pairs, reference_logps, train_ipr  # noqa: E402
+from ipr_core.training.losses import dpo_loss, sequence_logps  # noqa: E402
+from ipr_core.training.sft import demonstration_segments  # noqa: E402
+from ipr_core.types import Trajectory  # noqa: E402
+
+torch.set_num_threads(1)
+
+HISTORY = 1
+CFG = IPRTrainConfig(epochs=1, lr=1e-3, batch_size=64, warmup_ratio=0.0, max_length=512)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(policy = "SFT model", another model = "previous iteration"): same
+    tokenizer, different weights; weights spread so log-probs differ a lot."""
+    root = tmp_path_factory.mktemp("models")
+    return tiny_model(root / "sft", seed=0, spread=0.15), tiny_model(root / "other", seed=1, spread=0.15)
+
+
+@pytest.fixture(scope="module")
+def experts():
+    env = LineWorld()
+    out = []
+    for task in env.list_tasks("train", 6):
+        instruction, steps = expert_steps(env, task)
+        out.append(Trajectory(f"expert-{task.task_id}", task, "expert", SYSTEM, instruction, tuple(steps), 0, 1.0, True, True))
+    assert sum(len(e.steps) >= 2 for e in out) >= 2
+    return out
+
+
+def _agent_side(action: str) -> list[dict]:
+    return [
+        {"role": "assistant", "content": "Thought: I should jump.\nAction: jump"},
+        {"role": "user", "content": "Observation: Nothing happens: 'jump' is not a valid action."},
+        {"role": "assistant", "content": f"Thought: Then {action}.\nAction: {action}"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def pairs(experts):
+    """Multi-turn pairs with observations inside the sides: outcome pairs
+    (prompt = the task) and step pairs (prompt = the expert prefix e_{1:1})."""
+    rows = []
+    for e in experts:
+        wrong = "left" if e.steps[0].action == "right" else "right"
+        prompt = trajectory_messages(e.system, e.instruction, [])
+        rows.append({"pair_id": f"o-{e.traj_id}", "kind": "outcome", "prompt": prompt, "chosen": step_messages(e.steps, False), "rejected": _agent_side(wrong)})
+        if len(e.steps) >= 2:
+            prompt = trajectory_messages(e.system, e.instruction, e.steps[:1], include_last_observation=True)
+            rows.append({"pair_id": f"s-{e.traj_id}", "kind": "step", "prompt": prompt, "chosen": step_messages(e.steps[1:], False), "rejected": _agent_side(wrong)})
+    return rows
+
+
+def _side_logps(path, enc):
+    rt = Runtime.create("fp32")
+    return reference_logps(TargetScorer(load_model(path, rt.device).eval()), enc, load_tokenizer(path).pad_token_id, rt)
+
+
+def _weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+# --- equivalence with TRL --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_turn(models, experts, tmp_path_factory):
+    """Copies of both models whose template ends a conversation at <|im_end|>
+    (TRL scores the template's trailing newline as completion too), and
+    single-turn pairs of different lengths."""
+    root = tmp_path_factory.mktemp("single")
+    out = []
+    for src in models:
+        dst = root / src.name
+        shutil.copytree(src, dst)
+        tok = load_tokenizer(dst)
+        tok.chat_template = NO_MARKERS_TEMPLATE
+        save_tokenizer(tok, dst)
+        out.append(dst)
+    rows = []
+    for i, e in enumerate(experts):
+        rows.append(
+            {
+                "prompt": trajectory_messages(e.system, e.instruction, []),
+                "chosen": [{"role": "assistant", "content": e.steps[0].assistant_text()}],
+                "rejected": [{"role": "assistant", "content": "Thought: " + "no " * i + "idea\nAction: jump"}],
+                "kind": "step",
+                "pair_id": f"p{i}",
+            }
+        )
+    return out[0], out[1], rows
+
+
+def test_dpo_term_equals_trl_sigmoid_dpo_loss(single_turn, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    policy, ref, rows = single_turn
+    tok = load_tokenizer(policy)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=1, max_length=None, precompute_ref_log_probs=False,
+        bf16=False, gradient_checkpointing=False, use_cpu=True, report_to=[], save_strategy="no", disable_dropout=True,
+    )  # fmt: skip
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy), ref_model=AutoModelForCausalLM.from_pretrained(ref), args=args,
+        train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]), processing_class=tok,
+    )  # fmt: skip
+    trl_losses = []
+    for i in range(len(rows)):
+        ex = trainer.train_dataset[i]
+        with torch.no_grad():
+            trl_losses.append(trainer.compute_loss(trainer.model, trainer.data_collator([ex])).item())
+    trl_losses = torch.tensor(trl_losses)
+
+    enc = encode_pairs(tok, rows, None, 512)
+    # Same tokens and the same completion tokens as TRL.
+    for p, i in zip(enc, range(len(rows))):
+        ex = trainer.train_dataset[i]
+        for side, key in ((p.chosen, "chosen_ids"), (p.rejected, "rejected_ids")):
+            (seg,) = side
+            assert list(seg.input_ids) == ex["prompt_ids"] + ex[key]
+            assert list(seg.target) == [False] * len(ex["prompt_ids"]) + [True] * len(ex[key])
+    pc, pr = _side_logps(policy, enc)
+    rc, rr = _side_logps(ref, enc)
+    ours = dpo_loss(pc, pr, rc, rr, 0.1)
+    assert not torch.allclose(ours, torch.full_like(ours, math.log(2)), atol=1e-3)  # a non-trivial comparison
+    assert torch.allclose(ours, trl_losses, atol=1e-5), (ours, trl_losses)
+    # The trainer's own step: one batch of all pairs, DPO only.
+    result = train_ipr(policy, ref, rows, [], CFG.model_copy(update={"w_sft": 0.0}), None, tmp_path / "out", seed=0, precision="fp32")
+    assert result.history[0]["dpo_step"] == pytest.approx(trl_losses.mean().item(), abs=1e-5)
+
+
+# --- reference log-probs ---------------------------------------------------------------
+
+
+def test_precomputed_reference_logps_equal_recomputation(models, pairs):
+    _, other = models
+    tok = load_tokenizer(other)
+    for history in (None, HISTORY):
+        enc = encode_pairs(tok, pairs, history, 512)
+        assert len(enc) == len(pairs)
+        ref_c, ref_r = _side_logps(other, enc)
+        model = load_model(other, torch.device("cpu")).eval()
+        for p, c, r in zip(enc, ref_c, ref_r):
+            for side, got in ((p.chosen, c), (p.rejected, r)):
+                with torch.no_grad():  # plain logits, one segment at a time, no padding
+                    want = sum(sequence_logps(model(*collate([s], 0)[:2]).logits, collate([s], 0)[2]).item() for s in side)
+                assert got.item() == pytest.approx(want, abs=1e-4)
+
+
+def test_fast_scorer_equals_full_logits(models, pairs):
+    policy, _ = models
+    tok = load_tokenizer(policy)
+    segs = [s for p in encode_pairs(tok, pairs, HISTORY, 512) for s in p.chosen + p.rejected]
+    rt = Runtime.create("fp32")
+    scorer = TargetScorer(load_model(policy, rt.device).eval())
+    assert scorer.fast
+    fast = score_segments(scorer, segs, tok.pad_token_id, rt)
+    scorer.fast = False
+    assert torch.allclose(fast, score_segments(scorer, segs, tok.pad_token_id, rt), atol=1e-4)
+
+
+# --- the trainer -----------------------------------------------------------------------
+
+
+def test_trainer_learns_the_preference_and_changes_parameters(models, pairs, experts, tmp_path):
+    policy, _ = models
+    cfg = CFG.model_copy(update={"epochs": 6, "batch_size": 4})
+    result = train_ipr(policy, policy, pairs, experts, cfg, HISTORY, tmp_path / "it1", seed=0, precision="fp32")
+    first, last = result.history[0], result.history[-1]
+    # Reference = the starting policy: margin 0 and each DPO term log 2 before the first update.
+    assert first["margin"] == pytest.approx(0.0, abs=1e-5)
+    for k in ("dpo_outcome", "dpo_step"):
+        if k in first:
+            assert first[k] == pytest.approx(math.log(2), abs=1e-5)
+    assert last["margin"] > 0.5 and last["reward_acc"] == 1.0
+    assert first["total"] == pytest.approx(first.get("dpo_outcome", 0) + first.get("dpo_step", 0) + first["sft"], abs=1e-5)
+    w0, w1 = _weights(policy), _weights(tmp_path / "it1")
+    assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
+    assert result.summary()["final_loss"] == last["total"]
+
+
+def test_reference_modes(models, pairs, tmp_path):
+    """reference="sft" keeps the SFT model; "previous" is the last iteration's:
+    the trainer uses whichever checkpoint it is given, scored once up front."""
+    sft, previous = models
+    assert choose_reference(IPRTrainConfig(reference="sft"), str(sft), str(previous)) == str(sft)
+    assert choose_reference(IPRTrainConfig(reference="previous"), str(sft), str(previous)) == str(previous)
+    tok = load_tokenizer(sft)
+    enc = encode_pairs(tok, pairs, HISTORY, 512)
+    pc, pr = _side_logps(sft, enc)
+    rc, rr = _side_logps(previous, enc)
+    kinds = torch.tensor([p.kind == "outcome" for p in enc])
+    want = dpo_loss(pc, pr, rc, rr, CFG.beta)
+    result = train_ipr(sft, previous, pairs, [], CFG.model_copy(update={"w_sft": 0.0}), HISTORY, tmp_path / "a", seed=0, precision="fp32")
+    h = result.history[0]
+    assert h["dpo_outcome"] == pytest.approx(want[kinds].mean().item(), abs=1e-5)
+    assert h["dpo_step"] == pytest.approx(want[~kinds].mean().item(), abs=1e-5)
+    assert h["margin"] == pytest.approx(CFG.beta * ((pc - rc) - (pr - rr)).mean().item(), abs=1e-5)
+
+
+def test_sft_term_on_experts_or_on_chosen_sides(models, pairs, experts, tmp_path):
+    policy, _ = models
+    tok = load_tokenizer(policy)
+    enc = encode_pairs(tok, pairs, HISTORY, 512)
+    # chosen (reference code): NLL of every pair's chosen side, per token.
+    pc, _ = _side_logps(policy, enc)
+    n_chosen = sum(s.n_targets for p in enc for s in p.chosen)
+    r = train_ipr(policy, policy, pairs, experts, CFG.model_copy(update={"sft_target": "chosen"}), HISTORY, tmp_path / "c", seed=0, precision="fp32")
+    assert r.history[0]["sft"] == pytest.approx(-pc.sum().item() / n_chosen, abs=1e-5)
+    # expert (paper): NLL of the expert trajectories. One step of len(pairs)
+    # pairs draws len(pairs) expert trajectories: give exactly that many.
+    many = [experts[i % len(experts)] for i in range(len(pairs))]
+    segs = [s for g in demonstration_segments(tok, many, HISTORY, 512) for s in g]
+    rt = Runtime.create("fp32")
+    logp = score_segments(TargetScorer(load_model(policy, rt.device).eval()), segs, tok.pad_token_id, rt)
+    r = train_ipr(policy, policy, pairs, many, CFG, HISTORY, tmp_path / "e", seed=0, precision="fp32")
+    assert r.history[0]["sft"] == pytest.approx(-logp.sum().item() / sum(s.n_targets for s in segs), abs=1e-5)
+    assert r.history[0]["sft"] != pytest.approx(-pc.sum().item() / n_chosen, abs=1e-3)
+
+
+def test_kind_weights_switch_terms_off(models, pairs, tmp_path):
+    policy, previous = models
+    outcome_only = [p for p in pairs if p["kind"] == "outcome"]
+    cfg = CFG.model_copy(update={"w_outcome": 0.0, "w_sft": 0.0, "epochs": 2})
+    r = train_ipr(policy, previous, outcome_only, [], cfg, HISTORY, tmp_path / "off", seed=0, precision="fp32")
+    assert r.steps == 2 and r.history[0]["total"] == 0.0 and r.history[0]["dpo_outcome"] > 0
+    w0, w1 = _weights(policy), _weights(tmp_path / "off")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # zero gradient, AdamW without decay: unchanged
+    r = train_ipr(policy, previous, outcome_only, [], cfg.model_copy(update={"w_outcome": 1.0}), HISTORY, tmp_path / "on", seed=0, precision="fp32")
+    w2 = _weights(tmp_path / "on")
+    assert any(not torch.equal(w0[k], w2[k]) for k in w0)
+
+
+def test_lora_trains_adapters_and_saves_a_plain_merged_checkpoint(models, pairs, tmp_path):
+    pytest.importorskip("peft")
+    policy, _ = models
+    cfg = CFG.model_copy(update={"lora": True, "lora_r": 4, "epochs": 2, "batch_size": 4})
+    train_ipr(policy, policy, pairs, [], cfg.model_copy(update={"w_sft": 0.0}), HISTORY, tmp_path / "lora", seed=0, precision="fp32")
+    w0, w1 = _weights(policy), _weights(tmp_path / "lora")
+    assert w0.keys() == w1.keys()  # merged: no lora_A / lora_B tensors
+    changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert any("q_proj" in k for k in changed)
+    assert not any("embed_tokens" in k or "norm" in k for k in changed)  # frozen outside the adapted linears
+
+
+def test_unusable_pairs(models, pairs, tmp_path, caplog):
+    policy, _ = models
+    with pytest.raises(ValueError, match="kind"):
+        train_ipr(policy, policy, [{**pairs[0], "kind": "trajectory"}], [], CFG, HISTORY, tmp_path / "x")
+    observation_only = {**pairs[0], "rejected": [{"role": "user", "content": "Observation: nothing"}]}
+    with caplog.at_level(logging.WARNING):
+        r = train_ipr(policy, policy, [observation_only], [], CFG, HISTORY, tmp_path / "none", seed=0, precision="fp32")
+    assert "1 dropped" in caplog.text and "no usable pairs" in caplog.text
+    assert r.steps == 0
+    w0, w1 = _weights(policy), _weights(tmp_path / "none")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+# --- several processes -------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+from test_training_ipr import CFG, HISTORY, Trajectory, step_messages, trajectory_messages, _agent_side
+from fake_env import SYSTEM, LineWorld, expert_steps
+from ipr_core.config import SFTConfig
+from ipr_core.training.ipr_trainer import train_ipr
+from ipr_core.training.sft import train_sft
+model, out, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+env = LineWorld()
+experts = []
+for task in env.list_tasks("train", 6):
+    ins, steps = expert_steps(env, task)
+    experts.append(Trajectory(f"e-{task.task_id}", task, "expert", SYSTEM, ins, tuple(steps), 0, 1.0, True, True))
+pairs = [{"pair_id": e.traj_id, "kind": "outcome" if i % 2 else "step", "prompt": trajectory_messages(e.system, e.instruction, []),
+          "chosen": step_messages(e.steps, False), "rejected": _agent_side("left")} for i, e in enumerate(experts)]
+cfg = CFG.model_copy(update={"epochs": 2, "batch_size": bs, "grad_accum": 2})
+r = train_ipr(model, model, pairs, experts, cfg, HISTORY, out + "/ipr", seed=0, precision="fp32")
+s = train_sft(model, experts, SFTConfig(epochs=2, lr=1e-3, batch_size=bs, grad_accum=2, warmup_ratio=0.0), HISTORY, out + "/sft", seed=0, precision="fp32")
+if os.environ.get("RANK", "0") == "0":
+    print("RESULT " + json.dumps({"ipr": r.history, "sft": r.losses + s.losses}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_exactly_like_one_with_the_same_global_batch(models, tmp_path):
+    """DDP on CPU (gloo, torchrun): 2 processes x batch 2 == 1 process x batch 4:
+    same weights and the same (all-reduced) metrics, placeholders included
+    (5 pairs do not split evenly)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    policy, _ = models
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])]), "OMP_NUM_THREADS": "1"}
+
+    def run(out, bs, nproc):
+        from conftest import free_port
+
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+        p = subprocess.Popen(launcher + [str(script), str(policy), str(out), str(bs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        try:
+            stdout, stderr = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers
+            raise
+        assert p.returncode == 0, stderr[-3000:]
+        return json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))[7:])
+
+    one, two = run(tmp_path / "one", 4, 1), run(tmp_path / "two", 2, 2)
+    for a, b in zip(one["ipr"], two["ipr"]):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5) for k in a)
+    assert one["sft"] == pytest.approx(two["sft"], rel=1e-4)
+    for kind in ("ipr", "sft"):
+        w1, w2 = _weights(tmp_path / "one" / kind), _weights(tmp_path / "two" / kind)
+        assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
