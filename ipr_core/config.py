@@ -117,7 +117,7 @@ class SFTConfig(_Section):
 class IPRTrainConfig(_Section):
     epochs: float = Field(3.0, gt=0, description="Epochs over the pairs per iteration (paper 3).")
     lr: float = Field(3e-6, gt=0, description="Learning rate (reference 3e-6).")
-    batch_size: int = Field(8, ge=1, description="Pairs per optimisation step.")
+    batch_size: int = Field(8, ge=1, description="Pairs per micro-batch per process (a step sees batch_size x grad_accum x processes pairs).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Warmup fraction (reference: constant with warmup 0.1).")
     beta: float = Field(0.1, gt=0, description="DPO beta (paper 0.1).")
