@@ -128,6 +128,29 @@ class JavaServer:
             pass
 
 
+
+class JVMBackedEnv:
+    """What the JVM-backed adapters (TextWorld-Express, ScienceWorld) share: calls
+    into the simulator through its ``JavaServer``, and the process's identity."""
+
+    _server: "JavaServer | None" = None
+    _api: Any = None
+    _sim_name: str = "simulator"
+
+    def _call(self, method: str, *args: Any) -> Any:
+        # Never restarts the JVM: mid-episode a fresh simulator would silently
+        # lose the episode's state. Entry points (list_tasks, reset, expert) heal.
+        if self._server is None:
+            raise EnvError(f"the {self._sim_name} JVM is not running; reset() starts it")
+        return self._server.call(getattr(self._api, method), *args)
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.pid if self._server is not None else None
+
+    def rss_bytes(self) -> int | None:
+        return self._server.rss_bytes() if self._server is not None else None
+
 class EnvPool:
     """Up to ``size`` environment instances lent to one user at a time.
 

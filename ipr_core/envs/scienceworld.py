@@ -33,7 +33,7 @@ import re
 from typing import Any, Sequence
 
 from ipr_core.envs.base import EnvError, StepResult
-from ipr_core.envs.pool import JavaServer, JVMOptions
+from ipr_core.envs.pool import JavaServer, JVMBackedEnv, JVMOptions
 from ipr_core.seeding import derive_seed
 from ipr_core.types import Task
 
@@ -128,8 +128,10 @@ def parse_menu(text: str) -> list[tuple[str, int]] | None:
     return sorted(options) or None
 
 
-class ScienceWorldEnv:
+class ScienceWorldEnv(JVMBackedEnv):
     """ScienceWorld tasks (one or many) behind the ``Environment`` protocol."""
+
+    _sim_name = "ScienceWorld"
 
     name = "scienceworld"
 
@@ -185,19 +187,6 @@ class ScienceWorldEnv:
                 raise
             self._server = server
 
-    def _call(self, method: str, *args: Any) -> Any:
-        # Never restarts the JVM: mid-episode a fresh simulator would silently
-        # lose the episode's state. Entry points (list_tasks, reset, expert) heal.
-        if self._server is None:
-            raise EnvError("the ScienceWorld JVM is not running; reset() starts it")
-        return self._server.call(getattr(self._api, method), *args)
-
-    @property
-    def pid(self) -> int | None:
-        return self._server.pid if self._server is not None else None
-
-    def rss_bytes(self) -> int | None:
-        return self._server.rss_bytes() if self._server is not None else None
 
     def _load(self, task_name: str, variation: int, gold: bool) -> None:
         key = (task_name, variation, gold)

@@ -20,7 +20,7 @@ import random
 from typing import Any
 
 from ipr_core.envs.base import EnvError, StepResult
-from ipr_core.envs.pool import JavaServer, JVMOptions
+from ipr_core.envs.pool import JavaServer, JVMBackedEnv, JVMOptions
 from ipr_core.seeding import derive_seed
 from ipr_core.types import Task
 
@@ -32,8 +32,10 @@ DEFAULT_MAX_STEPS = {"cookingworld": 150, "coin": 50, "twc": 50, "mapreader": 25
 _UNKNOWN = "Unknown action"
 
 
-class TextWorldExpressEnv:
+class TextWorldExpressEnv(JVMBackedEnv):
     """One TextWorld-Express game family (``game`` with ``game_params``) per instance."""
+
+    _sim_name = "TextWorld-Express"
 
     name = "textworld_express"
 
@@ -73,19 +75,6 @@ class TextWorldExpressEnv:
             self._server, self._api = server, api
         return self._api
 
-    def _call(self, method: str, *args: Any) -> Any:
-        # Never restarts the JVM: mid-episode a fresh simulator would silently
-        # lose the episode's state. Entry points (list_tasks, reset, expert) heal.
-        if self._server is None:
-            raise EnvError("the TextWorld-Express JVM is not running; reset() starts it")
-        return self._server.call(getattr(self._api, method), *args)
-
-    @property
-    def pid(self) -> int | None:
-        return self._server.pid if self._server is not None else None
-
-    def rss_bytes(self) -> int | None:
-        return self._server.rss_bytes() if self._server is not None else None
 
     # --- tasks --------------------------------------------------------------------
 
