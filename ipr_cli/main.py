@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # per-request lines drown the run's own
     from ipr_core.schemas import SchemaError
     from ipr_core.store import StoreError
 
