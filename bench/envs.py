@@ -54,14 +54,9 @@ MIN_STEPS = 200
 
 
 def _rss(pid: int | None = None) -> int | None:
-    try:
-        with open(f"/proc/{pid or os.getpid()}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from ipr_core.envs.pool import process_rss
+
+    return process_rss(pid or os.getpid())
 
 
 def bench(spec: EnvSpec, n_tasks: int) -> dict[str, Any]:

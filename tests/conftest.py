@@ -25,6 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float, name: str, log_path: Path | None = None) -> None:
+    """Wait until ``url`` answers; fail (killing ``proc``'s group) if it exits or times out."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            if proc.poll() is not None:
+                tail = log_path.read_text()[-2000:] if log_path else ""
+                pytest.fail(f"{name} exited with {proc.returncode}: {tail}")
+            time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"{name} did not start in {timeout_s:.0f} s")
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 API: moto_server on 127.0.0.1 on a free port, stopped by PID."""
@@ -34,18 +50,7 @@ def moto_server():
     port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except Exception:
-            if proc.poll() is not None:
-                pytest.fail(f"moto_server exited with {proc.returncode}")
-            time.sleep(0.2)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("moto_server did not start in 30 s")
+    wait_for_http(url, proc, 30, "moto_server")
     old = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     try:

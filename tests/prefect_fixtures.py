@@ -6,13 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for_http
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -43,18 +41,7 @@ def prefect_server(tmp_path_factory):
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(api + "/health", timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("prefect server did not start in 180 s")
+    wait_for_http(api + "/health", proc, 180, "prefect server", home / "server.log")
     try:
         yield api, prefect_env(home, api)
     finally:

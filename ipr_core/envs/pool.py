@@ -26,6 +26,18 @@ from ipr_core.envs.base import Environment, EnvError
 log = logging.getLogger(__name__)
 
 
+
+def process_rss(pid: int) -> int | None:
+    """Resident memory in bytes of process ``pid`` (Linux /proc), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
 @dataclass(frozen=True)
 class JVMOptions:
     """How a simulator's JVM is started."""
@@ -92,14 +104,7 @@ class JavaServer:
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the JVM process (Linux /proc), or None if unknown."""
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        return process_rss(self.pid)
 
     def close(self) -> None:
         if getattr(self, "_gateway", None) is None:
