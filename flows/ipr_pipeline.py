@@ -70,18 +70,18 @@ class _Stages:
         return self.submit(task, section, out, **params).result()
 
 
-def _run_name() -> str:
-    params = flow_run.parameters or {}
+def _config_run_name(params: dict) -> str:
     cfg = params.get("config") or {}
-    name = cfg.get("run_name", "ipr") if isinstance(cfg, dict) else getattr(cfg, "run_name", "ipr")
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg.get("run_name", "ipr") if isinstance(cfg, dict) else getattr(cfg, "run_name", "ipr")
+
+
+def _run_name() -> str:
+    return f"{_config_run_name(flow_run.parameters or {})}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _iteration_run_name() -> str:
     params = flow_run.parameters or {}
-    cfg = params.get("config") or {}
-    name = cfg.get("run_name", "ipr") if isinstance(cfg, dict) else getattr(cfg, "run_name", "ipr")
-    return f"{name}-iter-{int(params.get('iteration', 0)):02d}"
+    return f"{_config_run_name(params)}-iter-{int(params.get('iteration', 0)):02d}"
 
 
 @flow(name="ipr-iteration", flow_run_name=_iteration_run_name, log_prints=True)

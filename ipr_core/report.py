@@ -15,14 +15,19 @@ def eval_summary(uri: str) -> dict | None:
     return dict(m.meta) if m is not None else None
 
 
+def _cell(row: Mapping, key: str, fmt: str, width: int = 0) -> str:
+    """A number formatted with ``fmt``, or "-" (right-aligned to ``width``) when absent."""
+    v = row.get(key)
+    return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
+
+
 def iteration_table(rows: Sequence[Mapping]) -> str:
     """A plain-text table: model, held-out success rate and mean reward, pairs, losses."""
     head = f"{'model':<10} {'success':>8} {'reward':>8} {'outcome pairs':>14} {'step pairs':>11} {'train loss':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(key, fmt):
-            v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(int(fmt.rstrip("fd").split(".")[0]))
+            return _cell(r, key, fmt, int(fmt.rstrip("fd").split(".")[0]))
 
         lines.append(f"{r['model']:<10} {f('success_rate', '8.3f')} {f('mean_reward', '8.3f')} {f('outcome_pairs', '14d')} {f('step_pairs', '11d')} {f('train_loss', '11.4f')}")
     return "\n".join(lines)
@@ -71,8 +76,7 @@ def markdown(run_name: str, rows: Sequence[Mapping], images: Mapping[str, str], 
     lines = [f"# IPR run `{run_name}`", "", f"Best model on held-out tasks: **{best}**", "", "| model | success | mean reward | outcome pairs | step pairs | train loss |", "|---|---|---|---|---|---|"]
     for r in rows:
         def f(key, fmt):
-            v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+            return _cell(r, key, fmt)
 
         lines.append(f"| {r['model']} | {f('success_rate', '.3f')} | {f('mean_reward', '.3f')} | {f('outcome_pairs', 'd')} | {f('step_pairs', 'd')} | {f('train_loss', '.4f')} |")
     lines.append("")
