@@ -85,7 +85,8 @@ class SamplingConfig(_Section):
     history_turns: int | None = Field(2, ge=0, description="Past steps kept in the prompt; None keeps the full history (paper).")
     explore_temperature: float = Field(0.0, ge=0, description="Temperature of the agent's exploration and evaluation (paper: greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for sampled rollouts.")
-    prefix_sharing: bool = Field(True, description="Prefill a shared prompt once for N samples (transformers backend).")
+    prefix_sharing: bool = Field(True, description="Reuse computed prompt prefixes (transformers backend): N samples of one state, the head a batch shares, and earlier turns' prompts and replies (KV kept across calls).")
+    prefix_cache_mb: float = Field(512.0, ge=0, description="Memory for KV kept across generate calls (transformers backend; ~2 KB per token for the tiny model, ~56 KB for a 7B GQA model in bf16); 0 keeps none.")
 
 
 class MCConfig(_Section):

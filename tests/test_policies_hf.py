@@ -101,6 +101,76 @@ def test_stops_at_end_of_turn_and_drops_finished_rows(loaded, monkeypatch):
     assert not any("<|im_end|>" in o or "<|im_start|>" in o for o in out)
 
 
+def _next_turns(policy, convs, texts):
+    """Each conversation continued by its reply and an observation: the next turn's prompt."""
+    return [c + [{"role": "assistant", "content": t}, {"role": "user", "content": f"Observation: you are at {i}."}] for i, (c, t) in enumerate(zip(convs, texts))]
+
+
+def test_prefix_cache_reuses_earlier_turns_and_matches_a_cold_policy(loaded):
+    """Turn 2's prompts start with turn 1's prompts and replies: their KV is
+    reused (only the new tokens are prefilled) and the texts equal those of a
+    policy that recomputes everything, greedy and sampled."""
+    convs, seeds = _mc_batch()
+    for sampling in (GREEDY, SAMPLED):
+        warm, cold = _policy(loaded), _policy(loaded, prefix_sharing=False)
+        first = warm.generate(convs, sampling, seeds)
+        assert first == cold.generate(convs, sampling, seeds)
+        nxt = _next_turns(warm, convs, first)
+        warm.reset_stats()
+        cold.reset_stats()
+        assert warm.generate(nxt, sampling, seeds) == cold.generate(nxt, sampling, seeds)
+        prompt_tokens = sum(len(warm.encode(c)) for c in nxt)
+        assert cold.stats.prefill_tokens == prompt_tokens and cold.stats.cached_prefill_tokens == 0
+        # every row found at least its previous prompt in the cache
+        assert warm.stats.cached_prefill_tokens >= sum(len(warm.encode(c)) for c in convs)
+        assert warm.stats.prefill_tokens + warm.stats.cached_prefill_tokens == prompt_tokens
+        assert warm.stats.prefill_tokens < prompt_tokens / 3
+
+
+def test_prefix_cache_budget_zero_keeps_nothing_and_updated_weights_invalidate_it(loaded):
+    convs, seeds = _mc_batch()
+    p = _policy(loaded, prefix_cache_mb=0)
+    p.generate(convs, GREEDY, seeds)
+    p.reset_stats()
+    p.generate(convs, GREEDY, seeds)
+    assert p.stats.cached_prefill_tokens > 0  # within the call: the shared head ...
+    uniq = [p.encode(convs[i]) for i in (0, 4, 5, 6)]
+    assert p.stats.prefill_tokens == TransformersPolicy._shared_head(uniq) + sum(len(u) for u in uniq) - 4 * TransformersPolicy._shared_head(uniq)  # ... but nothing from the first call
+
+    model, tok = loaded
+    clone = type(model)(model.config)
+    clone.load_state_dict(model.state_dict())
+    clone.eval()
+    q = TransformersPolicy.from_model(clone, tok)
+    before = q.generate(convs, GREEDY, seeds)
+    with torch.no_grad():
+        for prm in clone.parameters():
+            prm.mul_(1.5)  # an in-place update, as an optimizer step does
+    q.reset_stats()
+    after = q.generate(convs, GREEDY, seeds)
+    assert q.stats.cached_prefill_tokens == TransformersPolicy._shared_head(uniq) * 4  # only this call's own head
+    assert after == TransformersPolicy.from_model(clone, tok, prefix_sharing=False).generate(convs, GREEDY, seeds)
+    assert after != before
+
+
+def test_prefill_in_length_groups_equals_one_padded_batch(loaded, monkeypatch):
+    """Prompts of very different uncached lengths are prefilled in groups and
+    merged into one decode cache; the texts equal one padded forward's."""
+    import ipr_core.policies.hf as hf
+
+    convs, seeds = _mc_batch()
+    long = [c + [{"role": "assistant", "content": "Thought: far.\nAction: right"}, {"role": "user", "content": "Observation: " + "a long view " * 20}] for c in convs[4:6]]
+    batch, bseeds = convs + long, seeds + [7, 8]
+    monkeypatch.setattr(hf, "PREFILL_OVERHEAD_TOKENS", 10**9)
+    one = _policy(loaded, prefix_sharing=False)
+    ref = one.generate(batch, SAMPLED, bseeds)
+    monkeypatch.setattr(hf, "PREFILL_OVERHEAD_TOKENS", 0)
+    split = _policy(loaded, prefix_sharing=False)
+    assert split.generate(batch, SAMPLED, bseeds) == ref
+    assert split.stats.padded_prefill_tokens < one.stats.padded_prefill_tokens
+    assert split.stats.prefill_tokens == one.stats.prefill_tokens
+
+
 def test_policy_protocol_dtype_device_and_tokenizer(model_dir):
     from transformers import PreTrainedTokenizerFast
 

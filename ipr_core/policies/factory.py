@@ -27,6 +27,7 @@ def make_policy(model_cfg: ModelConfig, sampling_cfg: SamplingConfig, model_path
             dtype=model_cfg.dtype,
             batch_size=sampling_cfg.batch_size,
             prefix_sharing=sampling_cfg.prefix_sharing,
+            prefix_cache_mb=sampling_cfg.prefix_cache_mb,
             trust_remote_code=model_cfg.trust_remote_code,
         )
     if backend == "openai":

@@ -38,12 +38,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ipr_core.policies.base import PolicyError, SamplingParams
+from ipr_core.policies.prefix_cache import BLOCK, PrefixCache
 from ipr_core.policies.tiny import IM_END, load_tokenizer
 from ipr_core.types import Message
 
 log = logging.getLogger(__name__)
 
-MIN_SHARED_HEAD = 8  # tokens; below this a separate head prefill costs more than it saves
+DEFAULT_PREFIX_CACHE_MB = 512.0  # KV kept across calls (tiny model: ~2 KB per token)
+
+PREFILL_OVERHEAD_TOKENS = 64  # fixed cost of one more forward, in tokens of prefill compute (CPU, tiny model)
+MIN_SHARED_HEAD = BLOCK  # tokens; below this a separate head prefill costs more than it saves
 
 
 @dataclass
@@ -54,6 +58,7 @@ class GenerationStats:
     requests: int = 0  # conversations answered
     prefills: int = 0  # prompts actually run through the model
     prefill_tokens: int = 0  # prompt tokens run through the model (padding excluded)
+    cached_prefill_tokens: int = 0  # prompt tokens whose KV came from the prefix cache instead
     padded_prefill_tokens: int = 0  # the same including left padding
     generated_tokens: int = 0  # sampled tokens, stop tokens included
     prefill_s: float = 0.0
@@ -128,21 +133,27 @@ class TransformersPolicy:
         dtype: str = "auto",
         batch_size: int = 32,
         prefix_sharing: bool = True,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
         trust_remote_code: bool = False,
     ):
         model, tokenizer = load_model(model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        self._setup(model, tokenizer, batch_size, prefix_sharing)
+        self._setup(model, tokenizer, batch_size, prefix_sharing, prefix_cache_mb)
 
     @classmethod
-    def from_model(cls, model, tokenizer, *, batch_size: int = 32, prefix_sharing: bool = True) -> "TransformersPolicy":
+    def from_model(cls, model, tokenizer, *, batch_size: int = 32, prefix_sharing: bool = True, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> "TransformersPolicy":
         """Wrap an already loaded model (e.g. evaluating during training)."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, batch_size, prefix_sharing)
+        self._setup(model, tokenizer, batch_size, prefix_sharing, prefix_cache_mb)
         return self
 
-    def _setup(self, model, tokenizer, batch_size: int, prefix_sharing: bool) -> None:
+    def _setup(self, model, tokenizer, batch_size: int, prefix_sharing: bool, prefix_cache_mb: float) -> None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -154,6 +165,13 @@ class TransformersPolicy:
         # transformers >= 5.2x names the KV cache argument ``cache``; earlier ``past_key_values``.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_logits = "logits_to_keep" in params
+        # KV can be kept and spliced only for plain full-attention layers
+        # (sliding-window or linear-attention layers do not hold every token).
+        layers = getattr(DynamicCache(config=model.config), "layers", None)
+        self._kv_reusable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        keep = self._kv_reusable and prefix_cache_mb > 0
+        self._prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if keep else None
+        self._weights_version = sum(p._version for p in model.parameters())
 
     @property
     def device(self):
@@ -186,6 +204,7 @@ class TransformersPolicy:
 
     def close(self) -> None:
         self.model = None  # drop the reference; the caller may free CUDA memory afterwards
+        self.clear_prefix_cache()
 
     # --- batching --------------------------------------------------------------------
 
@@ -239,49 +258,130 @@ class TransformersPolicy:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
         return out.logits[:, -1, :].float()
 
+    def _prefill(self, parts: list[tuple[list[int], int, Any]], room: int):
+        """Run each part's uncached tail through the model on top of its cached head.
+
+        ``parts``: (ids, n_cached, entry) per row, ``entry.kv`` holding at least
+        ``n_cached`` tokens (n_cached = 0: nothing cached). Rows are laid out
+        ``[pad | cached head | pad | tail]``: both segments left-padded, pads
+        masked out, positions counting real tokens only (so padding does not
+        shift RoPE), and the last column is every row's next-token position.
+        Returns (cache, mask, next positions, last-column logits).
+        """
+        import torch
+        from transformers import DynamicCache
+
+        dev = self.device
+        n = len(parts)
+        cache = _reserved_cache(DynamicCache(config=self.model.config), room)
+        width_c = max(c for _, c, _ in parts)
+        cached_mask = torch.zeros((n, width_c), dtype=torch.long)
+        if width_c:
+            ref = next(e for _, c, e in parts if c)
+            for i, (k0, v0) in enumerate(ref.kv):
+                keys = k0.new_zeros((n, k0.shape[0], width_c, k0.shape[-1]))
+                values = v0.new_zeros((n, v0.shape[0], width_c, v0.shape[-1]))
+                for u, (_, c, e) in enumerate(parts):
+                    if c:
+                        keys[u, :, width_c - c :] = e.kv[i][0][:, :c]
+                        values[u, :, width_c - c :] = e.kv[i][1][:, :c]
+                cache.layers[i].update(keys, values)
+            for u, (_, c, _) in enumerate(parts):
+                cached_mask[u, width_c - c :] = 1
+        tails = [ids[c:] for ids, c, _ in parts]
+        width = max(len(t) for t in tails)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        tail_mask = torch.zeros((n, width), dtype=torch.long)
+        for u, t in enumerate(tails):
+            input_ids[u, width - len(t) :] = torch.tensor(t, dtype=torch.long)
+            tail_mask[u, width - len(t) :] = 1
+        input_ids, tail_mask = input_ids.to(dev), tail_mask.to(dev)
+        mask = torch.cat([cached_mask.to(dev), tail_mask], dim=1)
+        start = torch.tensor([c for _, c, _ in parts], dtype=torch.long, device=dev)
+        pos = start[:, None] + (tail_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(input_ids, mask, pos, cache)
+        self.stats.prefill_tokens += sum(len(t) for t in tails)
+        self.stats.padded_prefill_tokens += n * width
+        self.stats.cached_prefill_tokens += sum(c for _, c, _ in parts)
+        return cache, mask, pos[:, -1] + 1, logits
+
+    @staticmethod
+    def _store(store: PrefixCache | None, ids: list[int], cache, mask, row: int) -> None:
+        """Keep row ``row``'s keys/values (its real columns: ``ids``) for later use."""
+        if store is None:
+            return
+        cols = mask[row].nonzero().squeeze(-1)
+        assert len(cols) == len(ids), (len(cols), len(ids))
+        store.insert(ids, [(layer.keys[row].index_select(1, cols), layer.values[row].index_select(1, cols)) for layer in cache.layers])
+
+    @staticmethod
+    def _lookup(store: PrefixCache | None, ids: list[int], max_len: int) -> tuple[int, Any]:
+        return (0, None) if store is None else store.lookup(ids, max_len)
+
+    def _check_weights(self) -> None:
+        """Cached KV belongs to the weights that computed it: an in-place update
+        (an optimizer step on a model wrapped with ``from_model``) bumps the
+        parameters' version counters and empties the cache."""
+        version = sum(p._version for p in self.model.parameters())
+        if version != self._weights_version:
+            self._weights_version = version
+            self.clear_prefix_cache()
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the KV kept from earlier calls (benchmarks use it to time cold runs)."""
+        if self._prefix is not None:
+            self._prefix.clear()
+
     def _generate_chunk(self, units: list[tuple[list[int], list[int]]], sampling: SamplingParams, seeds: Sequence[int]) -> dict[int, str]:
         import torch
         from transformers import DynamicCache
 
         if self.model is None:
             raise PolicyError("generate() after close()")
+        self._check_weights()
         dev = self.device
         t0 = time.perf_counter()
+        room = sampling.max_new_tokens
+        # pc: where prefixes are looked up (within the call when no cache is
+        # kept across calls, budget 0); persist: where finished rows are kept.
+        pc = persist = None
+        if self.prefix_sharing and self._kv_reusable:
+            pc = persist = self._prefix
+            if pc is None:
+                pc = PrefixCache(1 << 62)
         with torch.inference_mode(), _attention_backends(dev):
-            cache = _reserved_cache(DynamicCache(config=self.model.config), sampling.max_new_tokens)
             prompts = [ids for ids, _ in units]
-            # 1. The head every distinct prompt shares (the system prompt, the
-            # task...): prefilled once as a single row, then repeated.
-            shared = self._shared_head(prompts) if self.prefix_sharing else 0
-            if shared:
-                head = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=dev)
-                self._forward(head, torch.ones_like(head), torch.arange(shared, device=dev)[None], cache)
-                cache.batch_select_indices(torch.zeros(len(units), dtype=torch.long, device=dev))
-                self.stats.prefill_tokens += shared
-                self.stats.padded_prefill_tokens += shared
-            # 2. Every distinct prompt's tail once, left-padded so the last column
-            # is each row's next-token position (pads sit between head and tail,
-            # masked out).
-            tails = [ids[shared:] for ids in prompts]
-            width = max(len(t) for t in tails)
-            input_ids = torch.full((len(units), width), self.pad_id, dtype=torch.long)
-            tail_mask = torch.zeros((len(units), width), dtype=torch.long)
-            for u, t in enumerate(tails):
-                input_ids[u, width - len(t) :] = torch.tensor(t, dtype=torch.long)
-                tail_mask[u, width - len(t) :] = 1
-            input_ids, tail_mask = input_ids.to(dev), tail_mask.to(dev)
-            mask = torch.cat([tail_mask.new_ones((len(units), shared)), tail_mask], dim=1)
-            # Positions count real tokens only, so padding does not shift RoPE.
-            pos = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self._forward(input_ids, mask, pos, cache)
+            # 1. What earlier calls computed: each prompt's longest cached prefix
+            # (at least one token left, whose logits start the reply).
+            hits = [self._lookup(pc, ids, len(ids) - 1) for ids in prompts]
+            # 2. The head every distinct prompt shares (the system prompt, the
+            # task...), where not cached yet: prefilled once as a single row and
+            # stored, so every prompt then finds it.
+            shared = self._shared_head(prompts) if pc is not None else 0
+            if shared and min(c for c, _ in hits) < shared:
+                head = prompts[0][:shared]
+                c, e = self._lookup(pc, head, shared)
+                if c < shared:
+                    cache, mask, _, _ = self._prefill([(head, c, e)], 0)
+                    self._store(pc, head, cache, mask, 0)
+                hits = [self._lookup(pc, ids, len(ids) - 1) if hit[0] < shared else hit for ids, hit in zip(prompts, hits)]
+            # 3. Every distinct prompt's uncached tail once, in groups of similar
+            # length (one long tail would pad every row to its length), merged
+            # into one cache for decoding.
+            parts = [(ids, c, e) for ids, (c, e) in zip(prompts, hits)]
+            groups = length_groups([len(ids) - c for ids, c, _ in parts])
+            if len(groups) == 1:
+                cache, mask, next_pos, logits = self._prefill(parts, room)
+            else:
+                order = [u for g in groups for u in g]
+                units, prompts = [units[u] for u in order], [prompts[u] for u in order]
+                empty = _reserved_cache(DynamicCache(config=self.model.config), room)
+                cache, mask, next_pos, logits = _merge([self._prefill([parts[u] for u in g], 0) for g in groups], empty)
             self.stats.prefills += len(units)
-            self.stats.prefill_tokens += sum(len(t) for t in tails)
-            self.stats.padded_prefill_tokens += len(units) * width
 
             # Repeat each unit's cache row once per request that shares it.
             row_unit = [u for u, (_, reqs) in enumerate(units) for _ in reqs]
             row_req = [r for _, reqs in units for r in reqs]
-            next_pos = pos[:, -1] + 1
             if len(row_unit) != len(units):
                 idx = torch.tensor(row_unit, device=dev)
                 cache.batch_select_indices(idx)
@@ -292,6 +392,13 @@ class TransformersPolicy:
             # CPU generators: the same seed gives the same draws on any device.
             gens = [torch.Generator().manual_seed(int(seeds[r]) % (1 << 63)) for r in row_req] if sampling.temperature > 0 else None
             tokens: list[list[int]] = [[] for _ in row_req]
+            fed = [0] * len(row_req)  # generated tokens whose KV is in the cache
+
+            def store(rows: list[int]) -> None:  # batch positions of rows about to leave the cache
+                for j in rows:
+                    r = live[j]
+                    self._store(persist, prompts[row_unit[r]] + tokens[r][: fed[r]], cache, mask, j)
+
             live = list(range(len(row_req)))  # batch position -> row
             for t in range(sampling.max_new_tokens):
                 nxt = self._pick(logits, sampling, [gens[r] for r in live] if gens else None)
@@ -306,13 +413,17 @@ class TransformersPolicy:
                     break
                 if len(keep) < len(live):
                     # Drop finished rows so later steps cost only live rows.
+                    store(sorted(set(range(len(live))) - set(keep)))
                     kidx = torch.tensor(keep, device=dev)
                     cache.batch_select_indices(kidx)
                     mask, next_pos, nxt = mask[kidx], next_pos[kidx], nxt[kidx]
                     live = [live[j] for j in keep]
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 logits = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
+                for r in live:
+                    fed[r] += 1
                 next_pos = next_pos + 1
+            store(list(range(len(live))))
             self.stats.decode_s += time.perf_counter() - t1
         return {row_req[i]: self.tokenizer.decode(toks, skip_special_tokens=True) for i, toks in enumerate(tokens)}
 
@@ -335,6 +446,56 @@ class TransformersPolicy:
         # right=True skips flat (zero-probability) stretches of the CDF.
         idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         return (order.gather(-1, idx) if order is not None else idx).squeeze(-1)
+
+
+def length_groups(lengths: Sequence[int], overhead: int | None = None, max_groups: int = 4) -> list[list[int]]:
+    """Split row indices into groups of similar length for separate prefills.
+
+    A batched forward pads every row to the longest; a separate forward costs
+    a fixed overhead (about ``overhead`` tokens' worth of compute). Minimises
+    sum(rows x longest) + overhead per group over contiguous runs of the
+    rows sorted by length (a small dynamic programme; n <= batch size).
+    Groups come out shortest first; an empty input gives no group.
+    """
+    overhead = PREFILL_OVERHEAD_TOKENS if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    inf = float("inf")
+    # best[k][j]: cost of the first j sorted rows in k groups; cut[k][j]: start of the last group
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for k in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                c = best[k - 1][i] + (j - i) * lengths[order[j - 1]] + overhead
+                if c < best[k][j]:
+                    best[k][j], cut[k][j] = c, i
+    k = min(range(1, max_groups + 1), key=lambda k: best[k][n])
+    groups, j = [], n
+    while k:
+        i = cut[k][j]
+        groups.append(order[i:j])
+        j, k = i, k - 1
+    return groups[::-1]
+
+
+def _merge(prefilled: list, cache):
+    """One decode cache from several prefills' (cache, mask, next_pos, logits):
+    each left-padded to the longest (pads masked) and stacked along the batch,
+    written into ``cache`` (empty, with reserved room)."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(m.shape[1] for _, m, _, _ in prefilled)
+
+    def stacked(i: int, attr: str):
+        return torch.cat([F.pad(getattr(c.layers[i], attr), (0, 0, width - m.shape[1], 0)) for c, m, _, _ in prefilled])
+
+    for i, layer in enumerate(cache.layers):
+        layer.update(stacked(i, "keys"), stacked(i, "values"))
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m, _, _ in prefilled])
+    return cache, mask, torch.cat([p for _, _, p, _ in prefilled]), torch.cat([lg for _, _, _, lg in prefilled])
 
 
 def _attention_backends(device):
