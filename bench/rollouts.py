@@ -3,20 +3,27 @@
     .venv/bin/python bench/rollouts.py [--episodes 32] [--env auto|babyai|lineworld]
 
 Measured in one run, same tasks, model and seeds:
-1. episodes/s of ``run_episodes`` (32 in flight, one generate call per turn)
-   vs ``run_sequential`` (one episode, one request per call), greedy, with the
+1. episodes/s of ``run_episodes`` (32 in flight, one generate call per turn,
+   a finished episode's slot taken by the next of 96, as in the pipeline's
+   stages, which run hundreds) vs ``run_sequential`` (one episode, one request
+   per call), greedy, with the
    trajectories checked equal; where the time goes (generation vs environment).
 2. Monte Carlo from expert states (N rollouts per state, temperature 1):
    prefill tokens per rollout with and without prefix sharing.
 
-The model is the default tiny config (~1 M parameters), untrained, with a
-tokenizer trained on the environment's text: its replies are malformed, so
-every episode runs to the step limit and every turn costs max_new_tokens
-tokens; a fixed workload for generation throughput. The defaults match what a
-trained policy does on BabyAI GoToObj: expert replies average 24 tokens
-(with <|im_end|>) and expert episodes 5.5 steps. BabyAI is used
-when ``ipr_core.envs.babyai`` and minigrid are importable, else the LineWorld
-fake from tests/.
+The model is the default tiny config (~1 M parameters) with a tokenizer
+trained on the environment's text, fine-tuned for ``--sft-epochs`` on expert
+episodes of the train split, so that it behaves like the policies the pipeline
+runs: well-formed, varied replies, episodes that end at different turns,
+contexts that change every turn (an untrained model repeats one malformed reply
+to one constant observation, so from the third turn on its whole window repeats
+and a prefix cache would serve everything: ``--sft-epochs 0`` shows that
+degenerate case). Expert replies average 24 tokens (with <|im_end|>)
+and expert episodes 5.5 steps; ``--max-new-tokens`` is the demo's 40. BabyAI is used when ``ipr_core.envs.babyai`` and minigrid
+are importable, else the LineWorld fake from tests/.
+
+Both runners share one policy, whose prefix KV cache (earlier turns' prompts
+and replies, the system prompt) is emptied before each timed run.
 """
 
 from __future__ import annotations
@@ -79,13 +86,16 @@ def expert_trajectories(env, tasks):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--env", default="auto", choices=["auto", "babyai", "lineworld"])
-    ap.add_argument("--episodes", type=int, default=32, help="episodes (= concurrency of the lock-step runner)")
+    ap.add_argument("--episodes", type=int, default=96, help="episodes run by each runner")
+    ap.add_argument("--concurrency", type=int, default=32, help="episodes in flight in the lock-step runner (= its generate batch)")
+    ap.add_argument("--prefix-cache-mb", type=float, default=512.0, help="KV kept across generate calls (0: none, sharing within a call only)")
     ap.add_argument("--max-steps", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--max-new-tokens", type=int, default=40, help="the demo's setting; trained replies stop at <|im_end|> (~24 tokens)")
     ap.add_argument("--history", type=int, default=2)
     ap.add_argument("--mc-states", type=int, default=8, help="expert states scored by MC")
     ap.add_argument("--mc-n", type=int, default=5, help="rollouts per state (paper N=5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on this shared 2-core machine is ~20x slower than 1)")
+    ap.add_argument("--sft-epochs", type=float, default=2.0, help="fine-tuning before measuring (0: the untrained model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
@@ -105,15 +115,24 @@ def main() -> int:
     tasks = env.list_tasks("test", n=args.episodes, seed=0)
     train = env.list_tasks("train", n=max(args.mc_states, 32), seed=0)
     corpus = tokenizer_corpus(env, train)
+    demos = expert_trajectories(env, env.list_tasks("train", n=400, seed=1)) if args.sft_epochs > 0 else []
     experts = expert_trajectories(env, train)[: args.mc_states]
     env.close()
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(TinyModelConfig(), corpus, Path(tmp) / "model")
-        policy = TransformersPolicy(path, device=args.device, dtype=args.dtype, batch_size=args.episodes)
+        if demos:
+            from ipr_core.config import SFTConfig
+            from ipr_core.training.sft import train_sft
+
+            sft = SFTConfig(epochs=args.sft_epochs, lr=2e-3, batch_size=16, warmup_ratio=0.02)
+            train_sft(path, demos, sft, args.history, Path(tmp) / "sft", precision="auto")
+            path = Path(tmp) / "sft"
+        policy = TransformersPolicy(path, device=args.device, dtype=args.dtype, batch_size=args.concurrency, prefix_cache_mb=args.prefix_cache_mb)
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"env={env_name}  model: {n_params / 1e6:.2f} M params, {policy.device} {next(policy.model.parameters()).dtype}, {args.threads} thread(s)  "
-          f"episodes={args.episodes} max_steps={args.max_steps} max_new_tokens={args.max_new_tokens} history={args.history}")
+          f"episodes={args.episodes} concurrency={args.concurrency} prefix_cache={args.prefix_cache_mb:g}MB max_steps={args.max_steps} max_new_tokens={args.max_new_tokens} history={args.history} "
+          f"sft={args.sft_epochs:g} epochs on {len(demos)} expert episodes")
 
     # --- 1. lock-step vs sequential ---------------------------------------------------
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
@@ -122,15 +141,17 @@ def main() -> int:
 
     timed = TimedPolicy(policy)
     policy.reset_stats()
+    policy.clear_prefix_cache()  # each runner starts cold: nothing computed by the other is reused
     t0 = time.perf_counter()
     seq = run_sequential(make, timed, specs, greedy, history=args.history)
     seq_s, seq_gen, seq_calls, seq_stats = time.perf_counter() - t0, timed.seconds, timed.calls, policy.stats
 
     timed = TimedPolicy(policy)
     policy.reset_stats()
+    policy.clear_prefix_cache()
     got: list[RolloutStats] = []
     t0 = time.perf_counter()
-    lock = run_episodes(make, timed, specs, greedy, history=args.history, batch_size=args.episodes, on_stats=got.append)
+    lock = run_episodes(make, timed, specs, greedy, history=args.history, batch_size=args.concurrency, on_stats=got.append)
     lock_s, lock_gen, lock_calls, lock_stats = time.perf_counter() - t0, timed.seconds, timed.calls, policy.stats
 
     steps = sum(len(t.steps) for t in seq)
@@ -139,7 +160,7 @@ def main() -> int:
     print(f"{'runner':<12}{'wall s':>8}{'ep/s':>8}{'generate s':>12}{'(prefill':>10}{'decode)':>9}{'env+other s':>13}{'gen calls':>11}{'prefill tok':>13}")
     for name, wall, gen, calls, st in (("sequential", seq_s, seq_gen, seq_calls, seq_stats), ("lock-step", lock_s, lock_gen, lock_calls, lock_stats)):
         print(f"{name:<12}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}")
-    print(f"speed-up: {seq_s / lock_s:.1f}x episodes/s at {args.episodes} concurrent episodes ({steps} steps in all; "
+    print(f"speed-up: {seq_s / lock_s:.1f}x episodes/s at {args.concurrency} concurrent episodes ({len(specs)} episodes, {steps} steps in all; "
           f"lock-step env time {got[0].env_s:.2f}s; trajectories identical: {same})")
 
     # --- 2. MC prefix sharing ---------------------------------------------------------
@@ -155,11 +176,13 @@ def main() -> int:
     for sharing in (False, True):
         policy.prefix_sharing = sharing
         policy.reset_stats()
+        policy.clear_prefix_cache()
         policy.generate(first_turn, sampled, [s.seed for s in mc])
         first = policy.stats.prefill_tokens / len(mc)
         policy.reset_stats()
+        policy.clear_prefix_cache()
         t0 = time.perf_counter()
-        out = run_episodes(make, policy, mc, sampled, history=args.history, batch_size=args.episodes)
+        out = run_episodes(make, policy, mc, sampled, history=args.history, batch_size=args.concurrency)
         wall = time.perf_counter() - t0
         rows[sharing] = out
         print(f"{'on' if sharing else 'off':<16}{policy.stats.prefill_tokens / len(mc):>20.1f}{first:>30.1f}{wall:>8.2f}{len(mc) / wall:>12.2f}")
