@@ -78,5 +78,5 @@ def test_length_groups_split_long_tails_from_short_ones():
     cost = lambda gs: sum(len(g) * max(lengths[i] for i in g) + 64 for g in gs)  # noqa: E731
     assert cost(groups) < cost([list(range(len(lengths)))])
     assert length_groups([50, 52, 55, 60], overhead=64) == [[0, 1, 2, 3]]  # similar lengths: one forward
-    assert length_groups([7]) == [[0]]
+    assert length_groups([7]) == [[0]] and length_groups([]) == []
     assert len(length_groups(list(range(1, 33)) * 10, overhead=0)) == 4  # capped at max_groups

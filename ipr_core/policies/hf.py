@@ -11,6 +11,11 @@ this backend does what ``model.generate`` does not do for us:
   with a count per prompt). Going one step further, the head that all distinct
   prompts of a batch share (system prompt, often the task) is prefilled once
   as a single row before their tails.
+- Across calls (``prefix_cache.py``): the KV of finished rows (prompt + reply)
+  is kept, so the next turn of an episode prefills only what is new (the
+  observation; the whole window once the history starts to slide). Uncached
+  tails are prefilled in groups of similar length (``length_groups``) and
+  merged into one decode cache.
 - Per-request seeds: each row samples from its own ``torch.Generator`` (one
   uniform per token, inverse CDF), so a request's text depends on its
   conversation and seed, not on what else is in the batch.
@@ -457,6 +462,8 @@ def length_groups(lengths: Sequence[int], overhead: int | None = None, max_group
     rows sorted by length (a small dynamic programme; n <= batch size).
     Groups come out shortest first; an empty input gives no group.
     """
+    if not lengths:
+        return []
     overhead = PREFILL_OVERHEAD_TOKENS if overhead is None else overhead
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
