@@ -205,9 +205,12 @@ def _eval_meta(uri: str) -> dict:
 def task_runner(cfg: IPRConfig):
     """The task runner from config: threads (default), Dask or Ray."""
     if cfg.pipeline.task_runner == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
+        # Not Prefect's plain ThreadPoolTaskRunner: its idle worker threads keep
+        # torch's OpenMP teams alive, which made every stage 1.5-1.9x slower on
+        # 2 cores (flows/task_runners.py).
+        from flows.task_runners import StageTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=cfg.pipeline.max_workers)
+        return StageTaskRunner(max_workers=cfg.pipeline.max_workers)
     if cfg.pipeline.task_runner == "dask":
         try:
             from prefect_dask import DaskTaskRunner

@@ -132,6 +132,64 @@ def test_task_runners_from_config():
     assert isinstance(r, prefect_dask.DaskTaskRunner)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stage_task_runner_leaves_no_idle_task_thread(workers):
+    """One worker: tasks run in the flow's own thread (as the direct stage calls
+    do); more: each task on a thread that ends with it, at most ``workers`` at
+    once. Either way futures, dependencies and failures behave as with
+    Prefect's thread pool (flows/task_runners.py says why)."""
+    import threading
+    import time
+
+    from prefect import task
+
+    from flows.ipr_pipeline import task_runner
+
+    seen: list[threading.Thread] = []
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    @task(cache_policy=None, persist_result=False)
+    def produce(x: int) -> int:
+        with lock:
+            seen.append(threading.current_thread())
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return x
+
+    @task(cache_policy=None, persist_result=False)
+    def consume(x: int) -> int:
+        seen.append(threading.current_thread())
+        if x == 2:
+            raise ValueError("bad shard")
+        return 10 * x
+
+    cfg = load_config(overrides=[f"pipeline.max_workers={workers}"])
+
+    @flow(task_runner=task_runner(cfg))
+    def f():
+        ps = [produce.submit(i) for i in range(4)]
+        cs = [consume.submit(p) for p in ps]  # each waits on its producer's future
+        out = [c.result() for c in cs[:2]] + [cs[3].result()]
+        with pytest.raises(ValueError, match="bad shard"):
+            cs[2].result()
+        if workers > 1:  # while the flow still runs: no idle worker thread (it would keep torch's OpenMP team)
+            for t in seen:
+                t.join(timeout=5)
+            assert not any(t.is_alive() for t in seen)
+        return out, threading.current_thread()
+
+    out, flow_thread = f()
+    assert out == [0, 10, 30] and len(seen) == 8
+    if workers == 1:
+        assert all(t is flow_thread for t in seen)
+    else:
+        assert flow_thread not in seen and 1 < peak[0] <= workers
+
+
 def test_dask_runner_runs_a_stage(tmp_path):
     pytest.importorskip("prefect_dask")
     from flows.ipr_pipeline import task_runner
