@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from ipr_core.config import TinyModelConfig  # noqa: E402
+from ipr_core.config import SamplingConfig, TinyModelConfig  # noqa: E402
 from ipr_core.policies.base import SamplingParams  # noqa: E402
 from ipr_core.rollout import EpisodeSpec, RolloutStats, run_episodes, run_sequential  # noqa: E402
 
@@ -88,7 +88,7 @@ def main() -> int:
     ap.add_argument("--env", default="auto", choices=["auto", "babyai", "lineworld"])
     ap.add_argument("--episodes", type=int, default=96, help="episodes run by each runner")
     ap.add_argument("--concurrency", type=int, default=32, help="episodes in flight in the lock-step runner (= its generate batch)")
-    ap.add_argument("--prefix-cache-mb", type=float, default=512.0, help="KV kept across generate calls (0: none, sharing within a call only)")
+    ap.add_argument("--prefix-cache-mb", type=float, default=SamplingConfig.model_fields["prefix_cache_mb"].default, help="KV kept across generate calls (0: none, sharing within a call only)")
     ap.add_argument("--max-steps", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=40, help="the demo's setting; trained replies stop at <|im_end|> (~24 tokens)")
     ap.add_argument("--history", type=int, default=2)

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ipr_core.config import SamplingConfig
 from ipr_core.policies.base import PolicyError, SamplingParams
 from ipr_core.policies.prefix_cache import BLOCK, PrefixCache
 from ipr_core.policies.tiny import IM_END, load_tokenizer
@@ -49,7 +50,8 @@ from ipr_core.types import Message
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX_CACHE_MB = 512.0  # KV kept across calls (tiny model: ~2 KB per token)
+# KV kept across calls: the config's default (sampling.prefix_cache_mb), one source for both.
+DEFAULT_PREFIX_CACHE_MB: float = SamplingConfig.model_fields["prefix_cache_mb"].default
 
 PREFILL_OVERHEAD_TOKENS = 64  # fixed cost of one more forward, in tokens of prefill compute (CPU, tiny model)
 MIN_SHARED_HEAD = BLOCK  # tokens; below this a separate head prefill costs more than it saves
@@ -400,6 +402,8 @@ class TransformersPolicy:
             fed = [0] * len(row_req)  # generated tokens whose KV is in the cache
 
             def store(rows: list[int]) -> None:  # batch positions of rows about to leave the cache
+                if persist is None:  # nothing kept across calls: no row sequences to build
+                    return
                 for j in rows:
                     r = live[j]
                     self._store(persist, prompts[row_unit[r]] + tokens[r][: fed[r]], cache, mask, j)
