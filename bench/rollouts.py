@@ -8,6 +8,9 @@ Measured in one run, same tasks, model and seeds:
    stages, which run hundreds) vs ``run_sequential`` (one episode, one request
    per call), greedy, with the
    trajectories checked equal; where the time goes (generation vs environment).
+   The runners alternate ``--repeat`` times and the fastest run of each is
+   compared (a shared machine's speed drifts between runs); every pair's
+   ratio is printed too.
 2. Monte Carlo from expert states (N rollouts per state, temperature 1):
    prefill tokens per rollout with and without prefix sharing.
 
@@ -91,11 +94,12 @@ def main() -> int:
     ap.add_argument("--prefix-cache-mb", type=float, default=SamplingConfig.model_fields["prefix_cache_mb"].default, help="KV kept across generate calls (0: none, sharing within a call only)")
     ap.add_argument("--max-steps", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=40, help="the demo's setting; trained replies stop at <|im_end|> (~24 tokens)")
-    ap.add_argument("--history", type=int, default=2)
+    ap.add_argument("--history", type=lambda s: None if s in ("full", "none", "None") else int(s), default=2, help="past steps in the prompt (sampling.history_turns): an int, or full (the paper)")
     ap.add_argument("--mc-states", type=int, default=8, help="expert states scored by MC")
     ap.add_argument("--mc-n", type=int, default=5, help="rollouts per state (paper N=5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on this shared 2-core machine is ~20x slower than 1)")
     ap.add_argument("--sft-epochs", type=float, default=2.0, help="fine-tuning before measuring (0: the untrained model)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of each runner; the fastest of each is compared (this machine's speed drifts by 20%% and more)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
@@ -139,29 +143,36 @@ def main() -> int:
     specs = [EpisodeSpec(f"ep{i}", t, seed=i, source="eval") for i, t in enumerate(tasks)]
     policy.generate([[{"role": "user", "content": "warm up"}]], greedy, [0])  # first-call overheads out of the timings
 
-    timed = TimedPolicy(policy)
-    policy.reset_stats()
-    policy.clear_prefix_cache()  # each runner starts cold: nothing computed by the other is reused
-    t0 = time.perf_counter()
-    seq = run_sequential(make, timed, specs, greedy, history=args.history)
-    seq_s, seq_gen, seq_calls, seq_stats = time.perf_counter() - t0, timed.seconds, timed.calls, policy.stats
+    def timed_run(run):
+        timed = TimedPolicy(policy)
+        policy.reset_stats()
+        policy.clear_prefix_cache()  # each run starts cold: nothing computed by an earlier one is reused
+        got: list[RolloutStats] = []
+        t0 = time.perf_counter()
+        out = run(timed, got.append)
+        return out, (time.perf_counter() - t0, timed.seconds, timed.calls, policy.stats, got[0].env_s if got else None)
 
-    timed = TimedPolicy(policy)
-    policy.reset_stats()
-    policy.clear_prefix_cache()
-    got: list[RolloutStats] = []
-    t0 = time.perf_counter()
-    lock = run_episodes(make, timed, specs, greedy, history=args.history, batch_size=args.concurrency, on_stats=got.append)
-    lock_s, lock_gen, lock_calls, lock_stats = time.perf_counter() - t0, timed.seconds, timed.calls, policy.stats
+    runs: dict[str, list] = {"sequential": [], "lock-step": []}
+    same = True
+    for _ in range(args.repeat):  # interleaved, so a slow spell of a shared machine hits both runners
+        seq, r = timed_run(lambda p, cb: run_sequential(make, p, specs, greedy, history=args.history))
+        runs["sequential"].append(r)
+        lock, r = timed_run(lambda p, cb: run_episodes(make, p, specs, greedy, history=args.history, batch_size=args.concurrency, on_stats=cb))
+        runs["lock-step"].append(r)
+        same = same and lock == seq
+    best = {name: min(rs, key=lambda r: r[0]) for name, rs in runs.items()}  # the least disturbed run of each
+    (seq_s, *_), (lock_s, *_, lock_env) = best["sequential"], best["lock-step"]
 
     steps = sum(len(t.steps) for t in seq)
-    same = lock == seq
-    print("\n== lock-step runner vs sequential loop (greedy, same tasks/model/seeds) ==")
-    print(f"{'runner':<12}{'wall s':>8}{'ep/s':>8}{'generate s':>12}{'(prefill':>10}{'decode)':>9}{'env+other s':>13}{'gen calls':>11}{'prefill tok':>13}")
-    for name, wall, gen, calls, st in (("sequential", seq_s, seq_gen, seq_calls, seq_stats), ("lock-step", lock_s, lock_gen, lock_calls, lock_stats)):
-        print(f"{name:<12}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}")
-    print(f"speed-up: {seq_s / lock_s:.1f}x episodes/s at {args.concurrency} concurrent episodes ({len(specs)} episodes, {steps} steps in all; "
-          f"lock-step env time {got[0].env_s:.2f}s; trajectories identical: {same})")
+    print(f"\n== lock-step runner vs sequential loop (greedy, same tasks/model/seeds; fastest of {args.repeat} interleaved runs each) ==")
+    print(f"{'runner':<12}{'wall s':>8}{'ep/s':>8}{'generate s':>12}{'(prefill':>10}{'decode)':>9}{'env+other s':>13}{'gen calls':>11}{'prefill tok':>13}  all runs (wall s)")
+    for name, (wall, gen, calls, st, _) in best.items():
+        every = " ".join(f"{r[0]:.2f}" for r in runs[name])
+        print(f"{name:<12}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}  {every}")
+    ratios = sorted(s[0] / lk[0] for s, lk in zip(runs["sequential"], runs["lock-step"]))
+    print(f"speed-up: {seq_s / lock_s:.1f}x episodes/s at {args.concurrency} concurrent episodes (fastest runs; per interleaved pair: "
+          f"{' '.join(f'{x:.1f}x' for x in ratios)}) ({len(specs)} episodes, {steps} steps in all; "
+          f"lock-step env time {lock_env:.2f}s; trajectories identical: {same})")
 
     # --- 2. MC prefix sharing ---------------------------------------------------------
     targets = [tg for tg in ipr.expert_targets(experts) if not ipr.is_last_step(tg)]

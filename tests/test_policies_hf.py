@@ -101,6 +101,37 @@ def test_stops_at_end_of_turn_and_drops_finished_rows(loaded, monkeypatch):
     assert not any("<|im_end|>" in o or "<|im_start|>" in o for o in out)
 
 
+def test_dropping_finished_rows_moves_only_the_tail_rows(loaded):
+    """``_drop_rows``: kept rows below the new size stay put, kept rows above it
+    fill the holes; the cache then holds exactly the kept rows (in ``perm``
+    order) and still appends, as the plain reindexing fallback does."""
+    from transformers import DynamicCache
+
+    from ipr_core.policies.hf import _drop_rows, _reserved_cache
+
+    model, _ = loaded
+    g = torch.Generator().manual_seed(0)
+    shape = (6, model.config.num_key_value_heads, 5, model.config.hidden_size // model.config.num_attention_heads)
+    kv = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(model.config.num_hidden_layers)]
+    new = [(torch.randn((4, shape[1], 1, shape[3]), generator=g),) * 2 for _ in kv]  # one more token per kept row
+    keep = [0, 2, 4, 5]
+    caches = []
+    for reserved in (True, False):
+        cache = DynamicCache(config=model.config)
+        cache = _reserved_cache(cache, 3) if reserved else cache
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.update(k.clone(), v.clone())
+        perm = _drop_rows(cache, keep, "cpu")
+        assert sorted(perm) == keep and perm[0] == 0 and perm[2] == 2  # rows 0 and 2 did not move
+        for layer, (k, v) in zip(cache.layers, kv):
+            assert torch.equal(layer.keys, k[perm]) and torch.equal(layer.values, v[perm])
+        for layer, (k, v) in zip(cache.layers, new):
+            layer.update(k, v)
+        caches.append(cache)
+    for a, b in zip(*(c.layers for c in caches)):
+        assert a.keys.shape == (4, shape[1], 6, shape[3]) and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 def _next_turns(policy, convs, texts):
     """Each conversation continued by its reply and an observation: the next turn's prompt."""
     return [c + [{"role": "assistant", "content": t}, {"role": "user", "content": f"Observation: you are at {i}."}] for i, (c, t) in enumerate(zip(convs, texts))]
