@@ -516,7 +516,7 @@ def _drop_rows(cache, keep: list[int], device) -> list[int]:
     order as old positions.
 
     ``batch_select_indices`` copies every kept row (the whole KV buffer) each
-    time a reply ends: a third of a second per benchmark run. Here the kept
+    time a reply ends: ~0.3 s of a benchmark run. Here the kept
     rows beyond the new size move into the holes the finished ones leave
     below it and the buffers are cut there: only moved rows are copied. The
     row order changes, which nothing depends on (rows are independent).
@@ -603,7 +603,7 @@ def _reserved_cache(cache, room: int):
                 self.keys, self.values = self._kv[0][..., : self._n, :], self._kv[1][..., : self._n, :]
 
         def _unsupported(self, *args, **kwargs):
-            raise NotImplementedError("ReservedLayer supports update and batch_select_indices only (the decode loop's needs)")
+            raise NotImplementedError("ReservedLayer supports update, batch_select_indices and move_rows only (the decode loop's needs)")
 
         crop = reorder_cache = batch_repeat_interleave = _unsupported
 
