@@ -15,6 +15,11 @@ def _prefect_env() -> None:
     # Offline-friendly defaults; a user's own settings win.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ipr_core")
+    # The local ephemeral API's first start on a fresh PREFECT_HOME runs the
+    # database migrations: 39 s on the 2-core default machine (15 s later on),
+    # past Prefect's default wait of 20 s, so `make demo` on a fresh checkout
+    # failed with "Timed out while attempting to connect to ephemeral Prefect API server".
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
