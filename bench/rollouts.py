@@ -8,9 +8,11 @@ Measured in one run, same tasks, model and seeds:
    stages, which run hundreds) vs ``run_sequential`` (one episode, one request
    per call), greedy, with the
    trajectories checked equal; where the time goes (generation vs environment).
-   The runners alternate ``--repeat`` times and the fastest run of each is
-   compared (a shared machine's speed drifts between runs); every pair's
-   ratio is printed too.
+   The runners alternate ``--repeat`` times at each of ``--threads`` torch
+   thread counts, and each is compared at its fastest (a shared machine's
+   speed drifts between runs; here one episode at a time is fastest on 1
+   thread, the lock-step runner on 2, the pipeline's default: torch's, one per
+   core); the ratios at equal thread counts are printed too.
 2. Monte Carlo from expert states (N rollouts per state, temperature 1):
    prefill tokens per rollout with and without prefix sharing.
 
@@ -97,7 +99,9 @@ def main() -> int:
     ap.add_argument("--history", type=lambda s: None if s in ("full", "none", "None") else int(s), default=2, help="past steps in the prompt (sampling.history_turns): an int, or full (the paper)")
     ap.add_argument("--mc-states", type=int, default=8, help="expert states scored by MC")
     ap.add_argument("--mc-n", type=int, default=5, help="rollouts per state (paper N=5)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (2 on this shared 2-core machine is ~20x slower than 1)")
+    ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                    help="torch thread counts to run each runner with, comma-separated; each runner is compared at its fastest "
+                         "(on this 2-core machine: one episode at a time is fastest on 1, the lock-step runner on 2)")
     ap.add_argument("--sft-epochs", type=float, default=2.0, help="fine-tuning before measuring (0: the untrained model)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of each runner; the fastest of each is compared (this machine's speed drifts by 20%% and more)")
     ap.add_argument("--device", default="cpu")
@@ -107,7 +111,7 @@ def main() -> int:
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])  # setup and fine-tuning
     from ipr_cli.model import tokenizer_corpus
     from ipr_core import ipr
     from ipr_core.conversation import render_context
@@ -134,7 +138,7 @@ def main() -> int:
             path = Path(tmp) / "sft"
         policy = TransformersPolicy(path, device=args.device, dtype=args.dtype, batch_size=args.concurrency, prefix_cache_mb=args.prefix_cache_mb)
     n_params = sum(p.numel() for p in policy.model.parameters())
-    print(f"env={env_name}  model: {n_params / 1e6:.2f} M params, {policy.device} {next(policy.model.parameters()).dtype}, {args.threads} thread(s)  "
+    print(f"env={env_name}  model: {n_params / 1e6:.2f} M params, {policy.device} {next(policy.model.parameters()).dtype}, threads {','.join(map(str, args.threads))}  "
           f"episodes={args.episodes} concurrency={args.concurrency} prefix_cache={args.prefix_cache_mb:g}MB max_steps={args.max_steps} max_new_tokens={args.max_new_tokens} history={args.history} "
           f"sft={args.sft_epochs:g} epochs on {len(demos)} expert episodes")
 
@@ -152,27 +156,33 @@ def main() -> int:
         out = run(timed, got.append)
         return out, (time.perf_counter() - t0, timed.seconds, timed.calls, policy.stats, got[0].env_s if got else None)
 
-    runs: dict[str, list] = {"sequential": [], "lock-step": []}
+    runs: dict[str, list] = {"sequential": [], "lock-step": []}  # (threads, run) in the order run
     same = True
+    reference = None
     for _ in range(args.repeat):  # interleaved, so a slow spell of a shared machine hits both runners
-        seq, r = timed_run(lambda p, cb: run_sequential(make, p, specs, greedy, history=args.history))
-        runs["sequential"].append(r)
-        lock, r = timed_run(lambda p, cb: run_episodes(make, p, specs, greedy, history=args.history, batch_size=args.concurrency, on_stats=cb))
-        runs["lock-step"].append(r)
-        same = same and lock == seq
-    best = {name: min(rs, key=lambda r: r[0]) for name, rs in runs.items()}  # the least disturbed run of each
-    (seq_s, *_), (lock_s, *_, lock_env) = best["sequential"], best["lock-step"]
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            seq, r = timed_run(lambda p, cb: run_sequential(make, p, specs, greedy, history=args.history))
+            runs["sequential"].append((threads, r))
+            lock, r = timed_run(lambda p, cb: run_episodes(make, p, specs, greedy, history=args.history, batch_size=args.concurrency, on_stats=cb))
+            runs["lock-step"].append((threads, r))
+            reference = reference or seq
+            same = same and lock == seq == reference
+    # Each runner at its fastest: its best thread count, its least disturbed run.
+    best = {name: min(rs, key=lambda tr: tr[1][0]) for name, rs in runs.items()}
+    (seq_threads, (seq_s, *_)), (lock_threads, (lock_s, *_, lock_env)) = best["sequential"], best["lock-step"]
 
     steps = sum(len(t.steps) for t in seq)
-    print(f"\n== lock-step runner vs sequential loop (greedy, same tasks/model/seeds; fastest of {args.repeat} interleaved runs each) ==")
-    print(f"{'runner':<12}{'wall s':>8}{'ep/s':>8}{'generate s':>12}{'(prefill':>10}{'decode)':>9}{'env+other s':>13}{'gen calls':>11}{'prefill tok':>13}  all runs (wall s)")
-    for name, (wall, gen, calls, st, _) in best.items():
-        every = " ".join(f"{r[0]:.2f}" for r in runs[name])
-        print(f"{name:<12}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}  {every}")
-    ratios = sorted(s[0] / lk[0] for s, lk in zip(runs["sequential"], runs["lock-step"]))
-    print(f"speed-up: {seq_s / lock_s:.1f}x episodes/s at {args.concurrency} concurrent episodes (fastest runs; per interleaved pair: "
-          f"{' '.join(f'{x:.1f}x' for x in ratios)}) ({len(specs)} episodes, {steps} steps in all; "
+    print(f"\n== lock-step runner vs sequential loop (greedy, same tasks/model/seeds; each at its fastest of {args.repeat} interleaved runs x threads {args.threads}) ==")
+    print(f"{'runner':<12}{'threads':>8}{'wall s':>8}{'ep/s':>8}{'generate s':>12}{'(prefill':>10}{'decode)':>9}{'env+other s':>13}{'gen calls':>11}{'prefill tok':>13}  fastest wall s by threads")
+    for name, (threads, (wall, gen, calls, st, _)) in best.items():
+        by = "  ".join(f"{t}: {min(r[0] for th, r in runs[name] if th == t):.2f}" for t in args.threads)
+        print(f"{name:<12}{threads:>8}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}  {by}")
+    same_threads = {t: min(r[0] for th, r in runs["sequential"] if th == t) / min(r[0] for th, r in runs["lock-step"] if th == t) for t in args.threads}
+    print(f"speed-up: {seq_s / lock_s:.1f}x episodes/s at {args.concurrency} concurrent episodes (each runner at its fastest; at equal threads: "
+          f"{'  '.join(f'{t}: {x:.1f}x' for t, x in same_threads.items())}) ({len(specs)} episodes, {steps} steps in all; "
           f"lock-step env time {lock_env:.2f}s; trajectories identical: {same})")
+    torch.set_num_threads(lock_threads)  # the MC part runs the lock-step runner
 
     # --- 2. MC prefix sharing ---------------------------------------------------------
     targets = [tg for tg in ipr.expert_targets(experts) if not ipr.is_last_step(tg)]
