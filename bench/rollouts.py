@@ -170,7 +170,7 @@ def main() -> int:
             same = same and lock == seq == reference
     # Each runner at its fastest: its best thread count, its least disturbed run.
     best = {name: min(rs, key=lambda tr: tr[1][0]) for name, rs in runs.items()}
-    (seq_threads, (seq_s, *_)), (lock_threads, (lock_s, *_, lock_env)) = best["sequential"], best["lock-step"]
+    (_, (seq_s, *_)), (lock_threads, (lock_s, *_, lock_env)) = best["sequential"], best["lock-step"]
 
     steps = sum(len(t.steps) for t in seq)
     print(f"\n== lock-step runner vs sequential loop (greedy, same tasks/model/seeds; each at its fastest of {args.repeat} interleaved runs x threads {args.threads}) ==")
