@@ -585,22 +585,25 @@ def _reserved_cache(cache, room: int):
             self._kv[0][..., self._n : n, :] = key_states
             self._kv[1][..., self._n : n, :] = value_states
             self._n = n
-            self.keys, self.values = self._kv[0][..., :n, :], self._kv[1][..., :n, :]
+            self._set_kv(self._kv)
             return self.keys, self.values
+
+        def _set_kv(self, kv) -> None:
+            """New buffers; ``keys``/``values`` are their first ``_n`` columns."""
+            self._kv = kv
+            self.keys, self.values = kv[0][..., : self._n, :], kv[1][..., : self._n, :]
 
         def batch_select_indices(self, indices) -> None:
             if self.is_initialized and self._kv is not None:
-                self._kv = (self._kv[0][indices, ...], self._kv[1][indices, ...])
-                self.keys, self.values = self._kv[0][..., : self._n, :], self._kv[1][..., : self._n, :]
+                self._set_kv((self._kv[0][indices, ...], self._kv[1][indices, ...]))
 
         def move_rows(self, src, dst, n: int) -> None:
             """Rows ``src`` to positions ``dst``, then keep the first ``n`` (``_drop_rows``)."""
             if self.is_initialized and self._kv is not None:
-                for buf in self._kv:
-                    if len(src):
+                if len(src):
+                    for buf in self._kv:
                         buf[dst] = buf[src]
-                self._kv = (self._kv[0][:n], self._kv[1][:n])
-                self.keys, self.values = self._kv[0][..., : self._n, :], self._kv[1][..., : self._n, :]
+                self._set_kv((self._kv[0][:n], self._kv[1][:n]))
 
         def _unsupported(self, *args, **kwargs):
             raise NotImplementedError("ReservedLayer supports update, batch_select_indices and move_rows only (the decode loop's needs)")

@@ -86,7 +86,7 @@ class SegmentEncoder:
     def _piece(self, text: str) -> tuple[int, ...]:
         ids = self._pieces.get(text)
         if ids is None:
-            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids = tuple(self._whole(text))
             self._pieces[text] = ids
             if len(self._pieces) > self.max_pieces:
                 self._pieces.popitem(last=False)
