@@ -13,6 +13,10 @@ Measured in one run, same tasks, model and seeds:
    speed drifts between runs; here one episode at a time is fastest on 1
    thread, the lock-step runner on 2, the pipeline's default: torch's, one per
    core); the ratios at equal thread counts are printed too.
+   With ``--replicas R`` (default 2) the lock-step runner also runs over
+   ``model.replicas=R`` worker processes (``policies/replicated.py``), each
+   answering its share of every batch with the cores shared out: the only way
+   one run uses a second core well with a model this small.
 2. Monte Carlo from expert states (N rollouts per state, temperature 1):
    prefill tokens per rollout with and without prefix sharing.
 
@@ -102,6 +106,7 @@ def main() -> int:
     ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="torch thread counts to run each runner with, comma-separated; each runner is compared at its fastest "
                          "(on this 2-core machine: one episode at a time is fastest on 1, the lock-step runner on 2)")
+    ap.add_argument("--replicas", type=int, default=2, help="also run the lock-step runner over this many replica processes (model.replicas; each with the cores shared out); <= 1: skip")
     ap.add_argument("--sft-epochs", type=float, default=2.0, help="fine-tuning before measuring (0: the untrained model)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of each runner; the fastest of each is compared (this machine's speed drifts by 20%% and more)")
     ap.add_argument("--device", default="cpu")
@@ -137,6 +142,12 @@ def main() -> int:
             train_sft(path, demos, sft, args.history, Path(tmp) / "sft", precision="auto")
             path = Path(tmp) / "sft"
         policy = TransformersPolicy(path, device=args.device, dtype=args.dtype, batch_size=args.concurrency, prefix_cache_mb=args.prefix_cache_mb)
+        replicated = None
+        if args.replicas > 1:  # started (spawned, the model loaded) before any timing, like the in-process policy
+            from ipr_core.policies.replicated import ReplicatedPolicy, build_transformers_replica, default_threads
+
+            kwargs = dict(device=args.device, dtype=args.dtype, batch_size=args.concurrency, prefix_cache_mb=args.prefix_cache_mb)
+            replicated = ReplicatedPolicy(partial(build_transformers_replica, str(path), kwargs), args.replicas, threads=default_threads(args.replicas))
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"env={env_name}  model: {n_params / 1e6:.2f} M params, {policy.device} {next(policy.model.parameters()).dtype}, threads {','.join(map(str, args.threads))}  "
           f"episodes={args.episodes} concurrency={args.concurrency} prefix_cache={args.prefix_cache_mb:g}MB max_steps={args.max_steps} max_new_tokens={args.max_new_tokens} history={args.history} "
@@ -145,18 +156,24 @@ def main() -> int:
     # --- 1. lock-step vs sequential ---------------------------------------------------
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
     specs = [EpisodeSpec(f"ep{i}", t, seed=i, source="eval") for i, t in enumerate(tasks)]
-    policy.generate([[{"role": "user", "content": "warm up"}]], greedy, [0])  # first-call overheads out of the timings
+    for p in (policy, replicated):
+        if p is not None:
+            p.generate([[{"role": "user", "content": "warm up"}]], greedy, [0])  # first-call overheads out of the timings
 
-    def timed_run(run):
-        timed = TimedPolicy(policy)
-        policy.reset_stats()
-        policy.clear_prefix_cache()  # each run starts cold: nothing computed by an earlier one is reused
+    def timed_run(run, pol=policy):
+        timed = TimedPolicy(pol)
+        pol.reset_stats()
+        pol.clear_prefix_cache()  # each run starts cold: nothing computed by an earlier one is reused
         got: list[RolloutStats] = []
         t0 = time.perf_counter()
         out = run(timed, got.append)
-        return out, (time.perf_counter() - t0, timed.seconds, timed.calls, policy.stats, got[0].env_s if got else None)
+        return out, (time.perf_counter() - t0, timed.seconds, timed.calls, pol.stats, got[0].env_s if got else None)
 
+    lock_run = lambda p, cb: run_episodes(make, p, specs, greedy, history=args.history, batch_size=args.concurrency, on_stats=cb)  # noqa: E731
+    rep_name = f"lock-step x{args.replicas}"
     runs: dict[str, list] = {"sequential": [], "lock-step": []}  # (threads, run) in the order run
+    if replicated is not None:
+        runs[rep_name] = []
     same = True
     reference = None
     for _ in range(args.repeat):  # interleaved, so a slow spell of a shared machine hits both runners
@@ -164,10 +181,14 @@ def main() -> int:
             torch.set_num_threads(threads)
             seq, r = timed_run(lambda p, cb: run_sequential(make, p, specs, greedy, history=args.history))
             runs["sequential"].append((threads, r))
-            lock, r = timed_run(lambda p, cb: run_episodes(make, p, specs, greedy, history=args.history, batch_size=args.concurrency, on_stats=cb))
+            lock, r = timed_run(lock_run)
             runs["lock-step"].append((threads, r))
             reference = reference or seq
             same = same and lock == seq == reference
+        if replicated is not None:  # its replicas' threads are fixed (the cores shared out)
+            rep, r = timed_run(lock_run, replicated)
+            runs[rep_name].append((default_threads(args.replicas), r))
+            same = same and rep == reference
     # Each runner at its fastest: its best thread count, its least disturbed run.
     best = {name: min(rs, key=lambda tr: tr[1][0]) for name, rs in runs.items()}
     (_, (seq_s, *_)), (lock_threads, (lock_s, *_, lock_env)) = best["sequential"], best["lock-step"]
@@ -176,12 +197,21 @@ def main() -> int:
     print(f"\n== lock-step runner vs sequential loop (greedy, same tasks/model/seeds; each at its fastest of {args.repeat} interleaved runs x threads {args.threads}) ==")
     print(f"{'runner':<12}{'threads':>8}{'wall s':>8}{'ep/s':>8}{'generate s':>12}{'(prefill':>10}{'decode)':>9}{'env+other s':>13}{'gen calls':>11}{'prefill tok':>13}  fastest wall s by threads")
     for name, (threads, (wall, gen, calls, st, _)) in best.items():
-        by = "  ".join(f"{t}: {min(r[0] for th, r in runs[name] if th == t):.2f}" for t in args.threads)
+        if name == rep_name:
+            threads = f"{args.replicas}x{threads}"
+            by = f"all runs: {' '.join(f'{r[0]:.2f}' for _, r in runs[name])} (prefill/decode s summed over the replicas)"
+        else:
+            by = "  ".join(f"{t}: {min(r[0] for th, r in runs[name] if th == t):.2f}" for t in args.threads)
         print(f"{name:<12}{threads:>8}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}  {by}")
     same_threads = {t: min(r[0] for th, r in runs["sequential"] if th == t) / min(r[0] for th, r in runs["lock-step"] if th == t) for t in args.threads}
     print(f"speed-up: {seq_s / lock_s:.1f}x episodes/s at {args.concurrency} concurrent episodes (each runner at its fastest; at equal threads: "
           f"{'  '.join(f'{t}: {x:.1f}x' for t, x in same_threads.items())}) ({len(specs)} episodes, {steps} steps in all; "
           f"lock-step env time {lock_env:.2f}s; trajectories identical: {same})")
+    if replicated is not None:
+        rep_s = best[rep_name][1][0]
+        print(f"speed-up with {args.replicas} replica processes (data parallel, each {default_threads(args.replicas)} thread(s)): {seq_s / rep_s:.1f}x episodes/s "
+              f"vs the sequential loop at its fastest; {lock_s / rep_s:.2f}x vs the in-process lock-step runner at its fastest")
+        replicated.close()
     torch.set_num_threads(lock_threads)  # the MC part runs the lock-step runner
 
     # --- 2. MC prefix sharing ---------------------------------------------------------

@@ -157,6 +157,30 @@ class ScriptedPolicy:
         pass
 
 
+class FailingPolicy(ScriptedPolicy):
+    """ScriptedPolicy that fails on request: a conversation containing "boom"
+    raises ``PolicyError`` (transient), one containing "die" kills the process."""
+
+    def generate(self, conversations, sampling, seeds):
+        text = " ".join(m["content"] for c in conversations for m in c)
+        if "die" in text.split():
+            import os
+
+            os._exit(3)
+        if "boom" in text.split():
+            from ipr_core.policies.base import PolicyError
+
+            raise PolicyError("scripted failure: boom")
+        return super().generate(conversations, sampling, seeds)
+
+
+def scripted_replica(rank: int, *, missing: str | None = None) -> ScriptedPolicy:
+    """``build`` for ``ReplicatedPolicy`` tests (module level, so it pickles); ``missing``: fail like an absent checkpoint."""
+    if missing:
+        raise FileNotFoundError(f"no model at {missing}")
+    return FailingPolicy()
+
+
 def tiny_model(out_dir: str | Path, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, spread: float | None = None) -> Path:
     """A ~0.1 M-parameter Qwen2 with a tokenizer trained on LineWorld text.
 

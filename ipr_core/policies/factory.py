@@ -18,11 +18,12 @@ def make_policy(model_cfg: ModelConfig, sampling_cfg: SamplingConfig, model_path
     store URI (fetched through the store's checkpoint cache).
     """
     backend = model_cfg.backend
+    if model_cfg.replicas > 1 and backend != "transformers":
+        raise ValueError(f"model.replicas={model_cfg.replicas} needs model.backend=transformers (a {backend} server batches and parallelises on its side)")
     if backend == "transformers":
         from ipr_core.policies.hf import TransformersPolicy
 
-        return TransformersPolicy(
-            model_path,
+        kwargs = dict(
             device=model_cfg.device,
             dtype=model_cfg.dtype,
             batch_size=sampling_cfg.batch_size,
@@ -30,6 +31,14 @@ def make_policy(model_cfg: ModelConfig, sampling_cfg: SamplingConfig, model_path
             prefix_cache_mb=sampling_cfg.prefix_cache_mb,
             trust_remote_code=model_cfg.trust_remote_code,
         )
+        if model_cfg.replicas > 1:
+            from functools import partial
+
+            from ipr_core.policies.replicated import ReplicatedPolicy, build_transformers_replica, default_threads
+
+            threads = model_cfg.replica_threads or default_threads(model_cfg.replicas)
+            return ReplicatedPolicy(partial(build_transformers_replica, str(model_path), kwargs), model_cfg.replicas, threads=threads)
+        return TransformersPolicy(model_path, **kwargs)
     if backend == "openai":
         from ipr_core.policies.openai_http import OpenAIChatPolicy
 
