@@ -186,6 +186,7 @@ class ReplicatedPolicy:
         """Each rank's reply, in order; the first failure is raised after all replied."""
         replies: dict[int, Any] = {}
         errors: list[BaseException] = []
+        died = False
         waiting = {self._conns[r]: r for r in ranks}
         sentinels = {self._procs[r].sentinel: r for r in ranks}
         while waiting:
@@ -217,10 +218,11 @@ class ReplicatedPolicy:
                     exc.add_note(f"in generation replica {r} (pid {self._procs[r].pid}):\n{tb}")
                     errors.append(exc)
                 else:
+                    died = True
                     self._procs[r].join(5)
                     errors.append(PolicyError(f"generation replica {r} (pid {self._procs[r].pid}) exited with code {self._procs[r].exitcode} during {what}"))
         if errors:
-            if any(isinstance(e, PolicyError) and "exited with code" in str(e) for e in errors):
+            if died:  # the survivors are not worth keeping: the caller retries with a new policy
                 self._terminate()
             raise errors[0]
         return [replies[r] for r in ranks]
@@ -287,12 +289,13 @@ class ReplicatedPolicy:
         except (PolicyError, OSError) as e:
             log.warning("closing generation replicas: %s", e)
         finally:
-            self._terminate()
+            self._terminate(grace_s=5.0)
 
-    def _terminate(self) -> None:
+    def _terminate(self, grace_s: float = 0.0) -> None:
+        """Stop the workers: those still running after ``grace_s`` (told to close, or not) are terminated."""
         self._closed = True
         for proc in self._procs:
-            proc.join(5 if proc.is_alive() and proc.exitcode is None else 0)
+            proc.join(grace_s)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
