@@ -145,10 +145,10 @@ def main() -> int:
         policy = TransformersPolicy(path, device=args.device, dtype=args.dtype, batch_size=args.concurrency, prefix_cache_mb=args.prefix_cache_mb)
         replicated = None
         if args.replicas > 1:  # started (spawned, the model loaded) before any timing, like the in-process policy
-            from ipr_core.policies.replicated import ReplicatedPolicy, build_transformers_replica, default_threads
+            from ipr_core.config import ModelConfig
+            from ipr_core.policies.factory import make_policy
 
-            kwargs = dict(device=args.device, dtype=args.dtype, batch_size=args.concurrency, prefix_cache_mb=args.prefix_cache_mb)
-            replicated = ReplicatedPolicy(partial(build_transformers_replica, str(path), kwargs), args.replicas, threads=default_threads(args.replicas))
+            replicated = make_policy(ModelConfig(device=args.device, dtype=args.dtype, replicas=args.replicas), SamplingConfig(batch_size=args.concurrency, prefix_cache_mb=args.prefix_cache_mb), str(path))
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"env={env_name}  model: {n_params / 1e6:.2f} M params, {policy.device} {next(policy.model.parameters()).dtype}, threads {','.join(map(str, args.threads))}  "
           f"episodes={args.episodes} concurrency={args.concurrency} prefix_cache={args.prefix_cache_mb:g}MB max_steps={args.max_steps} max_new_tokens={args.max_new_tokens} history={args.history} "
@@ -188,7 +188,7 @@ def main() -> int:
             same = same and lock == seq == reference
         if replicated is not None:  # its replicas' threads are fixed (the cores shared out)
             rep, r = timed_run(lock_run, replicated)
-            runs[rep_name].append((default_threads(args.replicas), r))
+            runs[rep_name].append((replicated.threads, r))
             same = same and rep == reference
     # Each runner at its fastest: its best thread count, its least disturbed run.
     best = {name: min(rs, key=lambda tr: tr[1][0]) for name, rs in runs.items()}
@@ -210,7 +210,7 @@ def main() -> int:
           f"lock-step env time {lock_env:.2f}s; trajectories identical: {same})")
     if replicated is not None:
         rep_s = best[rep_name][1][0]
-        print(f"speed-up with {args.replicas} replica processes (data parallel, each {default_threads(args.replicas)} thread(s)): {seq_s / rep_s:.1f}x episodes/s "
+        print(f"speed-up with {args.replicas} replica processes (data parallel, each {replicated.threads} thread(s)): {seq_s / rep_s:.1f}x episodes/s "
               f"vs the sequential loop at its fastest; {lock_s / rep_s:.2f}x vs the in-process lock-step runner at its fastest")
         replicated.close()
     torch.set_num_threads(lock_threads)  # the MC part runs the lock-step runner

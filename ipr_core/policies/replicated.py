@@ -162,6 +162,7 @@ class ReplicatedPolicy:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.replicas = replicas
+        self.threads = threads
         self._sticky: OrderedDict[str, int] = OrderedDict()
         self._closed = False
         ctx = mp.get_context("spawn")
