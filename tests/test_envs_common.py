@@ -206,6 +206,32 @@ def test_killed_jvm_raises_env_error_and_reset_restarts_it():
         env.close()
 
 
+def test_failed_method_lookup_on_a_dead_jvm_is_an_env_error():
+    # py4j's auto_field asks the JVM whether a name is a field before calling it,
+    # so on a dead JVM the lookup itself raises; that must be an EnvError too.
+    from py4j.protocol import Py4JNetworkError
+
+    from ipr_core.envs.pool import JavaServer, JVMBackedEnv
+
+    class _Proc:
+        pid, returncode = 4242, None
+
+        def poll(self):
+            return None  # not reaped yet: the kill has not been noticed
+
+    class _DeadApi:
+        def __getattr__(self, name):
+            raise Py4JNetworkError("Answer from Java side is empty")
+
+    server = JavaServer.__new__(JavaServer)
+    server._proc, server._broken, server.jar = _Proc(), False, "sim.jar"
+    env = JVMBackedEnv()
+    env._server, env._api = server, _DeadApi()
+    with pytest.raises(EnvError, match="Py4JNetworkError"):
+        env._call("stepJSON", "look around")
+    assert not server.alive()
+
+
 def test_parse_react_empty_action_line_is_malformed():
     from ipr_core.types import MalformedAction, parse_react
 

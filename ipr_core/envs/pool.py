@@ -147,7 +147,9 @@ class JVMBackedEnv:
         # lose the episode's state. Entry points (list_tasks, reset, expert) heal.
         if self._server is None:
             raise EnvError(f"the {self._sim_name} JVM is not running; reset() starts it")
-        return self._server.call(getattr(self._api, method), *args)
+        # The attribute lookup goes inside call(): with auto_field py4j asks the JVM
+        # whether ``method`` is a field, so a dead JVM fails on the lookup itself.
+        return self._server.call(lambda *a: getattr(self._api, method)(*a), *args)
 
     @property
     def pid(self) -> int | None:
