@@ -235,9 +235,12 @@ class ReplicatedPolicy:
             self._terminate()
             raise PolicyError(f"generation replica {rank} (pid {self._procs[rank].pid}) is gone (exit code {self._procs[rank].exitcode}): {e}") from e
 
-    def _call(self, op: str, args: tuple = ()) -> list[Any]:
+    def _check_open(self, op: str) -> None:
         if self._closed:
             raise PolicyError(f"{op}() on a closed ReplicatedPolicy")
+
+    def _call(self, op: str, args: tuple = ()) -> list[Any]:
+        self._check_open(op)
         for rank in range(self.replicas):
             self._send(rank, op, args)
         return self._gather(list(range(self.replicas)), op)
@@ -247,8 +250,7 @@ class ReplicatedPolicy:
     def generate(self, conversations: Sequence[Sequence[Message]], sampling: SamplingParams, seeds: Sequence[int]) -> list[str]:
         if len(conversations) != len(seeds):
             raise ValueError(f"{len(conversations)} conversations but {len(seeds)} seeds")
-        if self._closed:
-            raise PolicyError("generate() on a closed ReplicatedPolicy")
+        self._check_open("generate")
         if not conversations:
             return []
         where = assign_rows([head_key(c) for c in conversations], self._sticky, self.replicas)
