@@ -196,14 +196,18 @@ def main() -> int:
 
     steps = sum(len(t.steps) for t in seq)
     print(f"\n== lock-step runner vs sequential loop (greedy, same tasks/model/seeds; each at its fastest of {args.repeat} interleaved runs x threads {args.threads}) ==")
-    print(f"{'runner':<12}{'threads':>8}{'wall s':>8}{'ep/s':>8}{'generate s':>12}{'(prefill':>10}{'decode)':>9}{'env+other s':>13}{'gen calls':>11}{'prefill tok':>13}  fastest wall s by threads")
+    print(f"{'runner':<12}{'threads':>8}{'wall s':>8}{'ep/s':>8}{'generate s':>12}{'(prefill':>10}{'decode)':>9}{'env+other s':>13}{'gen calls':>11}{'prefill tok':>13}{'dec steps':>11}{'rows/step':>11}  fastest wall s by threads")
     for name, (threads, (wall, gen, calls, st, _)) in best.items():
         if name == rep_name:
             threads = f"{args.replicas}x{threads}"
             by = f"all runs: {' '.join(f'{r[0]:.2f}' for _, r in runs[name])} (prefill/decode s summed over the replicas)"
         else:
             by = "  ".join(f"{t}: {min(r[0] for th, r in runs[name] if th == t):.2f}" for t in args.threads)
-        print(f"{name:<12}{threads:>8}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}  {by}")
+        print(f"{name:<12}{threads:>8}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}{st.decode_steps:>11}{st.decode_rows / max(st.decode_steps, 1):>11.1f}  {by}")
+    lock_st = best["lock-step"][1][3]
+    print(f"lock-step decode: {lock_st.decode_steps} steps at {lock_st.decode_rows / max(lock_st.decode_steps, 1):.1f} live rows on average; "
+          f"{-(-lock_st.decode_rows // args.concurrency)} steps would carry the same rows at a full batch of {args.concurrency} "
+          f"(replies end at different lengths within a turn, and the last episodes run with free slots)")
     same_threads = {t: min(r[0] for th, r in runs["sequential"] if th == t) / min(r[0] for th, r in runs["lock-step"] if th == t) for t in args.threads}
     print(f"speed-up: {seq_s / lock_s:.1f}x episodes/s at {args.concurrency} concurrent episodes (each runner at its fastest; at equal threads: "
           f"{'  '.join(f'{t}: {x:.1f}x' for t, x in same_threads.items())}) ({len(specs)} episodes, {steps} steps in all; "

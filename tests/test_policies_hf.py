@@ -97,6 +97,9 @@ def test_stops_at_end_of_turn_and_drops_finished_rows(loaded, monkeypatch):
     out = p.generate(convs, SAMPLED, seeds)
     assert p.stats.generated_tokens < len(convs) * SAMPLED.max_new_tokens  # rows stopped early
     assert len({len(o) for o in out}) > 2  # ... at different times
+    st = p.stats
+    assert st.prefill_forwards >= 1 and 0 < st.decode_steps <= SAMPLED.max_new_tokens - 1
+    assert st.decode_rows < st.decode_steps * len(convs)  # finished rows left the decode batch
     assert out == [p.generate([c], SAMPLED, [s])[0] for c, s in zip(convs, seeds)]
     assert not any("<|im_end|>" in o or "<|im_start|>" in o for o in out)
 

@@ -69,6 +69,9 @@ class GenerationStats:
     cached_prefill_tokens: int = 0  # prompt tokens whose KV came from the prefix cache instead
     padded_prefill_tokens: int = 0  # the same including left padding
     generated_tokens: int = 0  # sampled tokens, stop tokens included
+    prefill_forwards: int = 0  # model forwards over prompts (a batch's groups, a shared head)
+    decode_steps: int = 0  # model forwards of one new token per live row
+    decode_rows: int = 0  # live rows summed over decode steps (/ decode_steps: the mean decode batch)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -309,6 +312,7 @@ class TransformersPolicy:
         start = torch.tensor([c for _, c, _ in parts], dtype=torch.long, device=dev)
         pos = start[:, None] + (tail_mask.cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(input_ids, mask, pos, cache)
+        self.stats.prefill_forwards += 1
         self.stats.prefill_tokens += sum(len(t) for t in tails)
         self.stats.padded_prefill_tokens += n * width
         self.stats.cached_prefill_tokens += sum(c for _, c, _ in parts)
@@ -431,6 +435,8 @@ class TransformersPolicy:
                     live = [live[j] for j in perm]
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 logits = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
+                self.stats.decode_steps += 1
+                self.stats.decode_rows += len(live)
                 for r in live:
                     fed[r] += 1
                 next_pos = next_pos + 1
