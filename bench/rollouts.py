@@ -1,13 +1,15 @@
 """Rollout throughput: the lock-step runner vs one episode at a time, and prefix sharing.
 
-    .venv/bin/python bench/rollouts.py [--episodes 32] [--env auto|babyai|lineworld]
+    .venv/bin/python bench/rollouts.py [--episodes 96] [--env auto|babyai|lineworld]
 
 Measured in one run, same tasks, model and seeds:
 1. episodes/s of ``run_episodes`` (32 in flight, one generate call per turn,
    a finished episode's slot taken by the next of 96, as in the pipeline's
    stages, which run hundreds) vs ``run_sequential`` (one episode, one request
    per call), greedy, with the
-   trajectories checked equal; where the time goes (generation vs environment).
+   trajectories checked equal; where the time goes (generation vs environment,
+   prefill vs decode; decode steps and the live rows per step, against the
+   steps a full batch would take: replies of one turn end at different lengths).
    The runners alternate ``--repeat`` times at each of ``--threads`` torch
    thread counts, and each is compared at its fastest (a shared machine's
    speed drifts between runs; here one episode at a time is fastest on 1
