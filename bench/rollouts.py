@@ -17,9 +17,10 @@ Measured in one run, same tasks, model and seeds:
    core); the ratios at equal thread counts are printed too.
    With ``--replicas R`` (default 2) the lock-step runner also runs over
    ``model.replicas=R`` worker processes (``policies/replicated.py``), each
-   answering its share of every batch with the cores shared out (a second
-   core used by a second copy of the model, since intra-op threads gain
-   little at this size; measured here: 1.1-1.25x over one process).
+   answering the turns of its own cohort of the slots with the cores shared
+   out (a second core used by a second copy of the model, since intra-op
+   threads gain little at this size; measured here: 1.2-1.3x over one
+   process).
 2. Monte Carlo from expert states (N rollouts per state, temperature 1):
    prefill tokens per rollout with and without prefix sharing.
 
@@ -72,6 +73,25 @@ class TimedPolicy:
         finally:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
+
+    # The lane interface (ReplicatedPolicy): passed through, collect timed like generate.
+    @property
+    def lanes(self):
+        return getattr(self.policy, "lanes", 1)
+
+    def submit(self, lane, conversations, sampling, seeds):
+        self.policy.submit(lane, conversations, sampling, seeds)
+
+    def collect(self):
+        t0 = time.perf_counter()
+        try:
+            return self.policy.collect()
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+    def drain(self):
+        self.policy.drain()
 
     def close(self):
         pass

@@ -4,7 +4,11 @@ Generation dominates IPR's cost, and a model answers 32 conversations in about
 the time it answers one, so episodes advance together: each turn gathers the
 context of every live episode, makes ONE batched ``policy.generate`` call,
 then steps every environment (on a thread pool for slow, JVM-backed ones).
-Finished episodes free their slot for the next spec.
+Finished episodes free their slot for the next spec. A policy with several
+lanes (``ReplicatedPolicy``: one per replica process or GPU) gets one cohort
+of the slots per lane instead: each cohort's turn goes to its own replica and
+the cohort steps on as soon as that replica answers, so no turn waits for the
+slowest replica's longest reply.
 
 Semantics (``run_sequential`` is the one-at-a-time reference with the same ones):
 - An episode starts from ``spec.prefix``: reset the task, replay the prefix
@@ -40,7 +44,7 @@ from typing import Callable, Sequence
 
 from ipr_core.conversation import render_context
 from ipr_core.envs.base import Environment, StepResult
-from ipr_core.policies.base import Policy, SamplingParams
+from ipr_core.policies.base import LanedPolicy, Policy, SamplingParams
 from ipr_core.seeding import derive_seed
 from ipr_core.types import MalformedAction, Step, Task, Trajectory, parse_react
 
@@ -204,6 +208,37 @@ def _generate(policy: Policy, convs: list, sampling: SamplingParams, seeds: list
     return out
 
 
+class _OneLane:
+    """The ``submit`` / ``collect`` lane interface over a plain policy: one lane,
+    answered by a (batched, ``batch_size``-capped) ``generate`` call at collect."""
+
+    lanes = 1
+
+    def __init__(self, policy: Policy, batch_size: int | None):
+        self.policy, self.batch_size = policy, batch_size
+        self._request: tuple | None = None
+
+    def submit(self, lane: int, convs: list, sampling: SamplingParams, seeds: list[int]) -> None:
+        self._request = (convs, sampling, seeds)
+
+    def collect(self) -> tuple[int, list[str]]:
+        (convs, sampling, seeds), self._request = self._request, None
+        return 0, _generate(self.policy, convs, sampling, seeds, self.batch_size)
+
+    def drain(self) -> None:
+        self._request = None
+
+
+def _lanes(policy: Policy, n_slots: int, batch_size: int | None):
+    """The policy's own lanes when it has several and a cohort fits one call, else one lane."""
+    n = getattr(policy, "lanes", 1)
+    if isinstance(policy, LanedPolicy) and isinstance(n, int) and n > 1 and n_slots >= 2:
+        n = min(n, n_slots)
+        if batch_size is None or -(-n_slots // n) <= batch_size:
+            return policy, n
+    return _OneLane(policy, batch_size), 1
+
+
 # --- the lock-step runner ------------------------------------------------------------------
 
 
@@ -227,7 +262,12 @@ def run_episodes(
     of episodes in flight (one environment instance each; default ``batch_size``,
     else 32); ``batch_size`` caps the conversations per generate call;
     ``workers`` threads step the environments; ``on_stats`` receives the
-    run's counters and timings (also logged as one summary line).
+    run's counters and timings (also logged as one summary line). With a
+    policy of several lanes, the slots are cut into one contiguous block per
+    lane (consecutive specs, such as an MC state's N rollouts, mostly land in
+    one block and so on one replica, which prefills their shared prompt once)
+    and each block's turns go to its own lane (see the module docstring);
+    ``gen_s`` is then the time spent waiting for a lane to answer.
     """
     specs = list(specs)
     if len({s.key for s in specs}) != len(specs):
@@ -247,6 +287,8 @@ def run_episodes(
     active: dict[int, _Episode] = {}  # slot -> episode
     bar = _progress_bar(progress, len(specs))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ipr-env") if workers > 1 else None
+    lanes, n_lanes = _lanes(policy, n_slots, batch_size)
+    in_flight: dict[int, list[tuple[int, _Episode]]] = {}  # lane -> the (slot, episode) rows it is answering
 
     def run_in_slots(fn, items: list[tuple[int, _Episode]]) -> list[BaseException | None]:
         """Apply fn(slot, episode) to each item (on the pool), returning exceptions."""
@@ -302,13 +344,22 @@ def run_episodes(
             if not active:
                 continue
 
-            # 2. One batched generate call over every live episode.
-            live = sorted(active.items())
-            convs = [render_context(ep.system, ep.instruction, ep.steps, history) for _, ep in live]
-            seeds = [turn_seed(ep.spec, ep.turn) for _, ep in live]
+            # 2. One batched generate call over every live episode of each idle
+            # lane's cohort (one lane: every live episode); then the first lane
+            # to answer.
+            for lane in range(n_lanes):
+                cohort = [(slot, ep) for slot, ep in sorted(active.items()) if slot * n_lanes // n_slots == lane]
+                if lane in in_flight or not cohort:
+                    continue
+                convs = [render_context(ep.system, ep.instruction, ep.steps, history) for _, ep in cohort]
+                lanes.submit(lane, convs, sampling, [turn_seed(ep.spec, ep.turn) for _, ep in cohort])
+                in_flight[lane] = cohort
             t0 = time.perf_counter()
-            texts = _generate(policy, convs, sampling, seeds, batch_size)
+            lane, texts = lanes.collect()
             gen_s += time.perf_counter() - t0
+            live = in_flight.pop(lane)
+            if len(texts) != len(live):
+                raise RuntimeError(f"policy returned {len(texts)} texts for {len(live)} conversations")
             turns += 1
             generated += len(texts)
 
@@ -341,6 +392,8 @@ def run_episodes(
                 if ep.finished:
                     finish(slot, ep)
     finally:
+        if in_flight:  # stopped by an error: the other lanes' replies must not reach a later call
+            lanes.drain()
         if pool:
             pool.shutdown(wait=True)
         for env in envs:

@@ -75,6 +75,75 @@ def test_replica_failures_are_raised_clearly():
     policy.close()  # idempotent
 
 
+def test_lanes_answer_per_replica_and_fail_without_stale_replies():
+    convs, ref = conversations(6), ScriptedPolicy()
+    with ReplicatedPolicy(scripted_replica, 2) as policy:
+        assert policy.lanes == 2
+        policy.submit(0, convs[:2], GREEDY, [0, 1])
+        policy.submit(1, convs[2:], GREEDY, [2, 3, 4, 5])
+        with pytest.raises(PolicyError, match="already has a request in flight"):
+            policy.submit(1, convs[:1], GREEDY, [0])
+        with pytest.raises(PolicyError, match=r"while lanes \[0, 1\] have requests in flight"):
+            policy.generate(convs, GREEDY, list(range(6)))
+        got = dict([policy.collect(), policy.collect()])
+        assert got == {0: ref.generate(convs[:2], GREEDY, [0, 1]), 1: ref.generate(convs[2:], GREEDY, [2, 3, 4, 5])}
+        with pytest.raises(PolicyError, match="no request in flight"):
+            policy.collect()
+        with pytest.raises(ValueError, match="out of range"):
+            policy.submit(2, convs[:1], GREEDY, [0])
+        # a failing lane is raised (once every lane still in flight answered: nothing stale is left);
+        # lane 1 may answer first, so a second collect may be the one that raises
+        boom = [[{"role": "system", "content": "s"}, {"role": "user", "content": "boom"}]]
+        policy.submit(0, boom, GREEDY, [0])
+        policy.submit(1, convs[:3], GREEDY, [0, 1, 2])
+        with pytest.raises(PolicyError, match="scripted failure: boom"):
+            for _ in range(2):
+                assert policy.collect() == (1, ref.generate(convs[:3], GREEDY, [0, 1, 2]))
+        assert policy.generate(convs, GREEDY, list(range(6))) == ref.generate(convs, GREEDY, list(range(6)))
+        # drained replies are dropped, not read by the next call
+        policy.submit(0, convs[:1], GREEDY, [7])
+        policy.drain()
+        assert policy.generate(convs[1:3], GREEDY, [1, 2]) == ref.generate(convs[1:3], GREEDY, [1, 2])
+        # a dying replica closes the policy
+        die = [[{"role": "system", "content": "s"}, {"role": "user", "content": "die"}]]
+        policy.submit(1, die, GREEDY, [0])
+        with pytest.raises(PolicyError, match=r"generation replica 1 \(pid \d+\) exited with code 3 during generate"):
+            policy.collect()
+        with pytest.raises(PolicyError, match="closed"):
+            policy.submit(0, convs[:1], GREEDY, [0])
+
+
+def test_replicated_runner_drives_one_cohort_per_lane():
+    env = LineWorld(max_steps=6)
+    specs = [EpisodeSpec(f"e{i}", t, seed=i) for i, t in enumerate(env.list_tasks("test", 12))]
+    ref = run_sequential(LineWorld, ScriptedPolicy(), specs, GREEDY, history=2)
+
+    class Recording:  # the lane calls the runner makes, passed through
+        def __init__(self, policy):
+            self.policy, self.lanes, self.submitted = policy, policy.lanes, []
+
+        def submit(self, lane, conversations, sampling, seeds):
+            self.submitted.append((lane, len(conversations)))
+            self.policy.submit(lane, conversations, sampling, seeds)
+
+        def collect(self):
+            return self.policy.collect()
+
+        def drain(self):
+            self.policy.drain()
+
+        def generate(self, *args):
+            raise AssertionError("generate is not used when the policy has lanes")
+
+        def close(self):
+            pass
+
+    with ReplicatedPolicy(scripted_replica, 2) as policy:
+        rec = Recording(policy)
+        assert run_episodes(LineWorld, rec, specs, GREEDY, history=2, batch_size=8) == ref
+        assert {lane for lane, _ in rec.submitted} == {0, 1} and max(n for _, n in rec.submitted) == 4  # 8 slots, 4 per cohort
+
+
 @pytest.mark.slow
 def test_transformers_replicas_equal_one_policy_and_keep_their_prefix_caches(tmp_path):
     pytest.importorskip("torch")

@@ -49,6 +49,58 @@ def test_lockstep_equals_sequential_and_batches():
     assert any(t.done and t.success for t in ref) and any(not t.done for t in ref)
 
 
+class TwoLanes:
+    """A policy with two lanes (as ``ReplicatedPolicy``), answered in process:
+    the higher lane first whenever both are in flight, so one cohort runs ahead
+    of the other; ``fail_at``: the collect call that raises instead."""
+
+    lanes = 2
+
+    def __init__(self, fail_at: int | None = None):
+        self.inner, self.fail_at = ScriptedPolicy(), fail_at
+        self.pending: dict = {}
+        self.answered: list[int] = []
+        self.drained = 0
+
+    def submit(self, lane, conversations, sampling, seeds):
+        assert lane not in self.pending and len(conversations) <= 3  # a cohort: half of the 6 slots
+        self.pending[lane] = (conversations, sampling, seeds)
+
+    def collect(self):
+        if len(self.answered) + 1 == self.fail_at:
+            raise RuntimeError("lane failed")
+        lane = max(self.pending)
+        self.answered.append(lane)
+        return lane, self.inner.generate(*self.pending.pop(lane))
+
+    def drain(self):
+        self.drained += 1
+        self.pending.clear()
+
+    def generate(self, conversations, sampling, seeds):
+        raise AssertionError("a policy with lanes is driven through submit/collect")
+
+    def close(self):
+        pass
+
+
+def test_cohorts_per_lane_go_on_as_their_lane_answers():
+    specs = _specs()
+    ref = run_sequential(LineWorld, ScriptedPolicy(), specs, GREEDY, history=2)
+    lanes = TwoLanes()
+    assert run_episodes(LineWorld, lanes, specs, GREEDY, history=2, concurrency=6) == ref
+    # lane 1's cohort took several turns in a row while lane 0's request waited
+    assert lanes.answered[:3] == [1, 1, 1] and set(lanes.answered) == {0, 1} and lanes.drained == 0
+    # a cohort larger than batch_size: one lane, through generate
+    with pytest.raises(AssertionError, match="submit/collect"):
+        run_episodes(LineWorld, TwoLanes(), specs, GREEDY, history=2, concurrency=6, batch_size=2)
+    # a policy error propagates, and the lane still in flight is drained first
+    failing = TwoLanes(fail_at=3)
+    with pytest.raises(RuntimeError, match="lane failed"):
+        run_episodes(LineWorld, failing, specs, GREEDY, history=2, concurrency=6)
+    assert failing.drained == 1 and not failing.pending
+
+
 def test_prefix_replay_uses_fresh_observations_and_can_finish_the_episode():
     env = LineWorld()
     task = env.list_tasks("test", 3)[2]

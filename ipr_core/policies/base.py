@@ -30,3 +30,22 @@ class Policy(Protocol):
 
     def close(self) -> None:
         """Release the model / connections."""
+
+
+@runtime_checkable
+class LanedPolicy(Policy, Protocol):
+    """Optional: a policy with several independent request lanes (``ReplicatedPolicy``:
+    one per replica). The lock-step runner gives each lane its own cohort of
+    episodes, so a cohort goes on as soon as its lane answers."""
+
+    lanes: int
+
+    def submit(self, lane: int, conversations: Sequence[Sequence[Message]], sampling: SamplingParams, seeds: Sequence[int]) -> None:
+        """Start one generate call on ``lane`` (at most one in flight per lane) without waiting."""
+
+    def collect(self) -> tuple[int, list[str]]:
+        """(lane, texts) of the first lane in flight to answer."""
+
+    def drain(self) -> None:
+        """Wait for every lane in flight and drop its texts."""
+
