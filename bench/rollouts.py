@@ -19,7 +19,7 @@ Measured in one run, same tasks, model and seeds:
    ``model.replicas=R`` worker processes (``policies/replicated.py``), each
    answering the turns of its own cohort of the slots with the cores shared
    out (a second core used by a second copy of the model, since intra-op
-   threads gain little at this size; measured here: 1.2-1.3x over one
+   threads gain little at this size; measured here: 1.16-1.28x over one
    process).
 2. Monte Carlo from expert states (N rollouts per state, temperature 1):
    prefill tokens per rollout with and without prefix sharing.

@@ -8,7 +8,7 @@ sharing one model fight over the GIL (2-3x slower). Separate processes do not
 share a GIL: each replica answers its part of every batch on its own core (or
 its own GPU: ``cuda:rank``), as vLLM's data parallelism does with engines.
 On the 2-core CI machine two replicas ran ``bench/rollouts.py``'s lock-step
-workload 1.2-1.3x faster than one process (the cores share memory bandwidth
+workload 1.16-1.28x faster than one process (the cores share memory bandwidth
 and caches, and each replica still pays every forward's fixed cost); the
 case it is built for is one replica per GPU.
 
