@@ -66,13 +66,16 @@ class TimedPolicy:
         self.seconds = 0.0
         self.calls = 0
 
-    def generate(self, conversations, sampling, seeds):
+    def _timed(self, call, *args):
         t0 = time.perf_counter()
         try:
-            return self.policy.generate(conversations, sampling, seeds)
+            return call(*args)
         finally:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
+
+    def generate(self, conversations, sampling, seeds):
+        return self._timed(self.policy.generate, conversations, sampling, seeds)
 
     # The lane interface (ReplicatedPolicy): passed through, collect timed like generate.
     @property
@@ -83,12 +86,7 @@ class TimedPolicy:
         self.policy.submit(lane, conversations, sampling, seeds)
 
     def collect(self):
-        t0 = time.perf_counter()
-        try:
-            return self.policy.collect()
-        finally:
-            self.seconds += time.perf_counter() - t0
-            self.calls += 1
+        return self._timed(self.policy.collect)
 
     def drain(self):
         self.policy.drain()
@@ -225,9 +223,9 @@ def main() -> int:
             by = f"all runs: {' '.join(f'{r[0]:.2f}' for _, r in runs[name])} (prefill/decode s summed over the replicas)"
         else:
             by = "  ".join(f"{t}: {min(r[0] for th, r in runs[name] if th == t):.2f}" for t in args.threads)
-        print(f"{name:<12}{threads:>8}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}{st.decode_steps:>11}{st.decode_rows / max(st.decode_steps, 1):>11.1f}  {by}")
+        print(f"{name:<12}{threads:>8}{wall:>8.2f}{len(specs) / wall:>8.2f}{gen:>12.2f}{st.prefill_s:>10.2f}{st.decode_s:>9.2f}{wall - gen:>13.2f}{calls:>11}{st.prefill_tokens:>13}{st.decode_steps:>11}{st.mean_decode_rows:>11.1f}  {by}")
     lock_st = best["lock-step"][1][3]
-    print(f"lock-step decode: {lock_st.decode_steps} steps at {lock_st.decode_rows / max(lock_st.decode_steps, 1):.1f} live rows on average; "
+    print(f"lock-step decode: {lock_st.decode_steps} steps at {lock_st.mean_decode_rows:.1f} live rows on average; "
           f"{-(-lock_st.decode_rows // args.concurrency)} steps would carry the same rows at a full batch of {args.concurrency} "
           f"(replies end at different lengths within a turn, and the last episodes run with free slots)")
     same_threads = {t: min(r[0] for th, r in runs["sequential"] if th == t) / min(r[0] for th, r in runs["lock-step"] if th == t) for t in args.threads}

@@ -75,7 +75,7 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 on CUDA with bf16 support, else float32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the in-process backend; auto = cuda if available.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint (off unless you trust it).")
-    replicas: int = Field(1, ge=1, description="Model replicas in worker processes that split every generate call (transformers backend): one per GPU, or CPU cores shared out; 1 runs in-process.")
+    replicas: int = Field(1, ge=1, description="Model replicas in worker processes (transformers backend): the lock-step runner gives each its own cohort of episodes, a plain generate call is split over them; one per GPU, or CPU cores shared out; 1 runs in-process.")
     replica_threads: int | None = Field(None, ge=1, description="Torch threads per replica on CPU; None = the cores divided by replicas.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Size of the locally built tiny model (base='tiny').")
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig, description="Settings of the OpenAI-compatible backend.")

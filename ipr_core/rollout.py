@@ -231,9 +231,8 @@ class _OneLane:
 
 def _lanes(policy: Policy, n_slots: int, batch_size: int | None):
     """The policy's own lanes when it has several and a cohort fits one call, else one lane."""
-    n = getattr(policy, "lanes", 1)
-    if isinstance(policy, LanedPolicy) and isinstance(n, int) and n > 1 and n_slots >= 2:
-        n = min(n, n_slots)
+    if isinstance(policy, LanedPolicy) and policy.lanes > 1 and n_slots >= 2:
+        n = min(policy.lanes, n_slots)
         if batch_size is None or -(-n_slots // n) <= batch_size:
             return policy, n
     return _OneLane(policy, batch_size), 1
@@ -347,9 +346,11 @@ def run_episodes(
             # 2. One batched generate call over every live episode of each idle
             # lane's cohort (one lane: every live episode); then the first lane
             # to answer.
-            for lane in range(n_lanes):
-                cohort = [(slot, ep) for slot, ep in sorted(active.items()) if slot * n_lanes // n_slots == lane]
-                if lane in in_flight or not cohort:
+            by_lane: dict[int, list[tuple[int, _Episode]]] = {}
+            for slot, ep in sorted(active.items()):
+                by_lane.setdefault(slot * n_lanes // n_slots, []).append((slot, ep))
+            for lane, cohort in by_lane.items():
+                if lane in in_flight:
                     continue
                 convs = [render_context(ep.system, ep.instruction, ep.steps, history) for _, ep in cohort]
                 lanes.submit(lane, convs, sampling, [turn_seed(ep.spec, ep.turn) for _, ep in cohort])

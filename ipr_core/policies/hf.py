@@ -75,6 +75,11 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
+    @property
+    def mean_decode_rows(self) -> float:
+        """Live rows per decode step, on average (0 before any)."""
+        return self.decode_rows / self.decode_steps if self.decode_steps else 0.0
+
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
