@@ -8,8 +8,8 @@ TextWorld-Express and ScienceWorld), list tasks, replay the expert on each
 over >= MIN_STEPS expert steps (medians), and report the memory of the
 process that runs the simulator (the JVM's RSS for JVM-backed environments,
 "in-process" otherwise: BabyAI lives in the caller's Python process). Entries whose package or service
-is missing are reported as skipped, so more environments (InterCode-SQL) plug
-in by adding a spec.
+is missing are reported as skipped, so more environments plug in by adding a
+spec; InterCode-SQL has one per backend (``intercode_sql_specs``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ class EnvSpec:
     split: str = "train"
 
 
+def intercode_sql_specs(mysql_url: str | None = None, task_file: str | Path | None = None, n_tasks: int = 20) -> list[EnvSpec]:
+    """InterCode-SQL on each backend, the same tasks: per-step latency of SQLite and MariaDB.
+
+    The MariaDB entry takes ``mysql_url`` (else $IPR_MYSQL_URL); without one,
+    building it raises ValueError, which the benchmark reports as skipped. A
+    throwaway server: ``tests/mariadb_fixture.py``
+    (``with LocalMariaDB() as server: intercode_sql_specs(server.url)``).
+    """
+    common: dict[str, Any] = {"task_file": str(task_file)} if task_file else {}
+    url = mysql_url or os.environ.get("IPR_MYSQL_URL")
+    return [
+        EnvSpec("intercode_sql sqlite", "intercode_sql", {**common, "backend": "sqlite"}, n_tasks),
+        EnvSpec("intercode_sql mariadb", "intercode_sql", {**common, "backend": "mysql", **({"mysql_url": url} if url else {})}, n_tasks),
+    ]
+
+
 ENV_SPECS: list[EnvSpec] = [
     EnvSpec("babyai GoToRedBallNoDists", "babyai", {"level": "BabyAI-GoToRedBallNoDists-v0"}, 100),
     EnvSpec("babyai GoToObj", "babyai", {"level": "BabyAI-GoToObj-v0"}, 100),
@@ -47,8 +63,7 @@ ENV_SPECS: list[EnvSpec] = [
     EnvSpec("twx coin", "textworld_express", {"game": "coin"}, 30),
     EnvSpec("twx mapreader", "textworld_express", {"game": "mapreader"}, 30),
     EnvSpec("scienceworld (27 tasks x 1 variation)", "scienceworld", {}, 27),
-    # Added when its adapter lands (needs a MySQL/MariaDB server on 127.0.0.1):
-    EnvSpec("intercode_sql", "intercode_sql", {}, 20),
+    *intercode_sql_specs(),  # the MariaDB entry needs $IPR_MYSQL_URL, else it is reported as skipped
 ]
 MIN_STEPS = 200
 

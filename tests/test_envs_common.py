@@ -1,5 +1,6 @@
-"""What every adapter shares: the protocol, the registry, the ReAct parser on
-realistic model outputs, the environment pool, and JVM crash handling."""
+"""What every adapter shares: the protocol, the registry and its typed options
+(checked before anything is built), the ReAct parser on realistic model
+outputs, the environment pool, and JVM crash handling."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import threading
 
 import pytest
 
+from pydantic import ValidationError
+
+from ipr_core.config import ConfigError
+from ipr_core.envs.babyai import BabyAIOptions
 from ipr_core.envs.base import Environment, EnvError, StepResult, env_factory, make_env, replay
 from ipr_core.envs.pool import EnvPool
+from ipr_core.envs.registry import EnvOptions, available_envs, env_options, options_model, register_env, validate_env
 from ipr_core.types import MalformedAction, Task, parse_react
 
 
@@ -74,8 +80,147 @@ def test_registry_resolves_every_bundled_adapter_lazily():
 def test_make_env_passes_options_and_max_steps(babyai):
     env = make_env("babyai", {"level": "BabyAI-GoToRedBallNoDists-v0"}, max_steps=7)
     assert env.max_steps == 7 and env.level == "BabyAI-GoToRedBallNoDists-v0"
-    with pytest.raises(TypeError):
+    assert env.options == BabyAIOptions(level="BabyAI-GoToRedBallNoDists-v0", max_steps=7)
+    with pytest.raises(ConfigError, match="no option 'no_such_option'"):
         make_env("babyai", {"no_such_option": 1})
+
+
+# --- typed options, checked before anything runs ----------------------------------------------
+
+ADAPTERS = ["babyai", "intercode_sql", "scienceworld", "textworld_express"]
+
+
+@pytest.fixture
+def nothing_is_built(monkeypatch):
+    """Fail any attempt to construct an adapter, start a JVM or open a database."""
+    import ipr_core.envs.intercode_sql as ic
+    import ipr_core.envs.pool as pool
+    from ipr_core.envs.registry import env_factory
+
+    def refuse(*a, **k):
+        raise AssertionError("validation must not build anything")
+
+    for name in ADAPTERS:
+        monkeypatch.setattr(env_factory(name), "__init__", refuse)
+    monkeypatch.setattr(pool.JavaServer, "__init__", refuse)
+    monkeypatch.setattr(ic, "parse_dump", refuse)
+
+
+def test_every_adapter_declares_a_frozen_options_model_that_forbids_extra_keys():
+    assert available_envs() == ADAPTERS
+    for name in ADAPTERS:
+        model = options_model(name)
+        assert issubclass(model, EnvOptions) and model.model_config["frozen"] and model.model_config["extra"] == "forbid"
+        assert "max_steps" in model.model_fields
+        assert env_factory(name).Options is model  # the adapter validates with the model the registry declares
+        opts = env_options(name)
+        assert isinstance(opts, model) and opts == model()  # the defaults validate
+        with pytest.raises(ValidationError):
+            opts.max_steps = 3  # frozen
+
+
+def test_unknown_environment_names_the_valid_ones(nothing_is_built):
+    for call in (validate_env, env_options, make_env, env_factory):
+        with pytest.raises(ConfigError) as e:
+            call("babyia")
+        assert isinstance(e.value, ValueError)
+        assert str(e.value) == "unknown environment 'babyia' (did you mean 'babyai'?); valid names: babyai, intercode_sql, scienceworld, textworld_express"
+
+
+@pytest.mark.parametrize(
+    "name, valid",
+    [
+        ("babyai", "actions, level, max_steps"),
+        ("textworld_express", "game, game_params, heap, max_steps"),
+        ("scienceworld", "heap, include_stochastic, max_steps, simplification, task_names, valid_actions"),
+        (
+            "intercode_sql",
+            "backend, cache_dir, dump_path, hardness, max_rows, max_steps, mysql_url, obs_limit, readonly_password, readonly_user, "
+            "split_by, split_seed, statement_timeout_s, tables_in_prompt, task_file, test_size",
+        ),
+    ],
+)
+def test_unknown_option_key_names_adapter_key_and_valid_keys(name, valid, nothing_is_built):
+    with pytest.raises(ConfigError) as e:
+        validate_env(name, {"max_step": 5})
+    assert str(e.value) == f"environment {name!r} has no option 'max_step' (did you mean 'max_steps'?); valid options: {valid}"
+    with pytest.raises(ConfigError, match=f"environment '{name}' has no options 'colour', 'xyz'; valid options: "):
+        make_env(name, {"colour": "red", "xyz": 3})
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("babyai", {"level": "BabyAI-GoToObjj-v0"}, "environment 'babyai', option 'level': unknown BabyAI level 'BabyAI-GoToObjj-v0' (did you mean 'BabyAI-GoToObj-v0'?); choose from ['BabyAI-ActionObjDoor-v0', "),
+        ("babyai", {"actions": ["fly"]}, "environment 'babyai', option 'actions': unknown BabyAI actions ['fly']; choose from ['turn left', 'turn right', 'move forward', 'pick up', 'drop', 'toggle']"),
+        ("babyai", {"max_steps": 0}, "environment 'babyai', option 'max_steps': Input should be greater than or equal to 1 (got 0)"),
+        ("babyai", {"max_steps": "many"}, "environment 'babyai', option 'max_steps': Input should be a valid integer, unable to parse string as an integer (got \"many\")"),
+        ("textworld_express", {"game": "zork"}, "environment 'textworld_express', option 'game': unknown TextWorld-Express game 'zork'; choose from ['cookingworld', 'twc', 'coin', "),
+        ("textworld_express", {"heap": "2 GB"}, "environment 'textworld_express', option 'heap': heap must be a JVM size such as 256m or 2g (-Xmx; '' for no cap), got '2 GB'"),
+        ("scienceworld", {"task_names": "boil,boil-everything"}, "environment 'scienceworld', option 'task_names': unknown ScienceWorld tasks ['boil-everything']; choose from ["),
+        ("scienceworld", {"valid_actions": "sometimes"}, "environment 'scienceworld', option 'valid_actions': Input should be a valid boolean, unable to interpret input (got \"sometimes\")"),
+        ("intercode_sql", {"hardness": "trivial"}, "environment 'intercode_sql', option 'hardness': unknown hardness ['trivial']; choose from ['easy', 'medium', 'hard', 'extra']"),
+        ("intercode_sql", {"backend": "postgres"}, "environment 'intercode_sql', option 'backend': Input should be 'sqlite' or 'mysql' (got \"postgres\")"),
+        ("intercode_sql", {"split_by": "table"}, "environment 'intercode_sql', option 'split_by': Input should be 'question' or 'database' (got \"table\")"),
+        ("intercode_sql", {"statement_timeout_s": 0}, "environment 'intercode_sql', option 'statement_timeout_s': Input should be greater than 0 (got 0)"),
+        ("intercode_sql", {"test_size": 1.5}, "environment 'intercode_sql', option 'test_size': a fractional test_size must be in (0, 1), got 1.5"),
+        ("intercode_sql", {"mysql_url": "postgres://me:s3cret@db:5432"}, "environment 'intercode_sql', option 'mysql_url': mysql_url must start with mysql:// or mariadb://, got 'db:5432'"),
+    ],
+)
+def test_bad_option_values_say_why_and_what_is_valid(name, options, message, nothing_is_built):
+    if name == "babyai" and "level" in options:
+        pytest.importorskip("minigrid")
+    if name == "scienceworld":
+        pytest.importorskip("scienceworld")
+    with pytest.raises(ConfigError) as e:
+        validate_env(name, options)
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value) and "s3cret" not in str(e.value)  # one line for the CLI, no password
+
+
+def test_max_steps_is_validated_with_the_options(nothing_is_built):
+    assert env_options("babyai", {"level": "BabyAI-GoToLocal-v0"}, max_steps=9) == BabyAIOptions(level="BabyAI-GoToLocal-v0", max_steps=9)
+    with pytest.raises(ConfigError, match="option 'max_steps': Input should be greater than or equal to 1"):
+        validate_env("babyai", None, max_steps=0)
+
+
+def test_options_normalise_what_configs_and_the_cli_write(nothing_is_built):
+    pytest.importorskip("scienceworld")
+    assert env_options("scienceworld", {"task_names": "boil,melt"}).task_names == ("boil", "melt")
+    assert env_options("intercode_sql", {"hardness": "extra", "test_size": 0.1}).hardness == ("extra",)
+    assert env_options("textworld_express", {"game": "coin", "heap": ""}).heap == ""
+
+
+def test_directly_built_adapters_check_options_the_same_way(babyai):
+    from ipr_core.envs.babyai import BabyAIEnv
+
+    with pytest.raises(ConfigError, match="environment 'babyai' has no option 'lvl'"):
+        BabyAIEnv(lvl="BabyAI-GoToObj-v0")
+    env = BabyAIEnv(BabyAIOptions(level="BabyAI-GoToRedBallNoDists-v0"), max_steps=5)
+    assert (env.level, env.max_steps, env.options.max_steps) == ("BabyAI-GoToRedBallNoDists-v0", 5, 5)
+    env.close()
+
+
+def test_adapters_registered_without_a_model_get_their_options_unchecked():
+    from fake_env import LineWorld
+
+    register_env("lineworld_unchecked", LineWorld, replace=True)
+    try:
+        assert options_model("lineworld_unchecked") is None
+        assert env_options("lineworld_unchecked", {"step_delay_s": 0.0}, max_steps=3) == {"step_delay_s": 0.0, "max_steps": 3}
+        assert make_env("lineworld_unchecked", None, max_steps=3).max_steps == 3
+    finally:
+        from ipr_core.envs import registry
+
+        registry._REGISTRY.pop("lineworld_unchecked")
+
+
+def test_the_cli_prints_an_option_error_as_one_line(capsys, nothing_is_built):
+    from ipr_cli.main import main
+
+    assert main(["data", "tasks", "--env", "babyai", "--n", "1", "--option", "levle=BabyAI-GoToObj-v0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ipr: error: environment 'babyai' has no option 'levle' (did you mean 'level'?); valid options: actions, level, max_steps"
 
 
 # --- the ReAct parser on what models really write ---------------------------------------

@@ -18,27 +18,26 @@ pytest.importorskip("intercode")
 
 from conftest import SHARED_DATA  # noqa: E402
 
+from mariadb_fixture import LocalMariaDB, find_mariadb  # noqa: E402
+from sql_agreement import gold_agreement  # noqa: E402
+
 from ipr_core.envs.base import Environment, StepResult, make_env, replay  # noqa: E402
 from ipr_core.envs.intercode_sql import (  # noqa: E402
     OBS_LIMIT,
     InterCodeSQLEnv,
-    bench_specs,
     format_observation,
-    gold_agreement,
     intercode_reward,
     kendall_tau_b,
     parse_action,
     split_records,
     tables_in_query,
 )
-from ipr_core.envs.sql_backends import (  # noqa: E402
-    LocalMariaDB,
+from ipr_core.envs.sql import (  # noqa: E402
     MySQLBackend,
     QueryResult,
     SQLiteBackend,
     build_sqlite,
     default_dump_path,
-    find_mariadb,
     mysql_to_sqlite,
     parse_dump,
     split_statements,
@@ -285,7 +284,7 @@ def test_adapter_implements_the_protocol(env):
     assert built.max_steps == 4 and built.reset(pets).endswith("\nDatabase: pets_1\nTables: has_pet, pets, student")
     assert len(built.expert(pets)) <= 4
     built.close()
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="environment 'intercode_sql' has no option 'no_such_option'"):
         make_env("intercode_sql", {"no_such_option": 1})
 
 
@@ -548,13 +547,29 @@ def test_backend_agreement_over_all_questions(full_env, mysql_env):
 # --- benchmarking hooks ----------------------------------------------------------------------------------
 
 
+def _bench_envs(monkeypatch):
+    """bench/envs.py as a module (bench/ holds scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_envs", ROOT / "bench" / "envs.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_envs", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_specs_cover_both_backends(monkeypatch, cache_root):
     monkeypatch.delenv("IPR_MYSQL_URL", raising=False)
-    specs = bench_specs()
-    assert [s["options"]["backend"] for s in specs] == ["sqlite", "mysql"]
+    bench = _bench_envs(monkeypatch)
+    specs = bench.intercode_sql_specs()
+    assert [s.options["backend"] for s in specs] == ["sqlite", "mysql"]
+    assert [s for s in bench.ENV_SPECS if s.env == "intercode_sql"] == specs
     with pytest.raises(ValueError, match="mysql_url"):
-        make_env(specs[1]["env"], specs[1]["options"])
-    assert bench_specs("mysql://root@127.0.0.1:1")[1]["options"]["mysql_url"] == "mysql://root@127.0.0.1:1"
+        make_env(specs[1].env, specs[1].options)
+    assert bench.intercode_sql_specs("mysql://root@127.0.0.1:1")[1].options["mysql_url"] == "mysql://root@127.0.0.1:1"
 
 
 def test_backends_need_no_more_than_a_few_ms_per_step(env, mysql_env):

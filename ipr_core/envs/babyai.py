@@ -23,11 +23,13 @@ import contextlib
 import hashlib
 import io
 import threading
-from typing import Any, Sequence
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BeforeValidator, Field
 
-from ipr_core.envs.base import StepResult
+from ipr_core.envs.base import ConfiguredEnv, StepResult, check_split, require_episode
+from ipr_core.envs.registry import EnvOptions, comma_separated, one_of, subset_of
 from ipr_core.seeding import derive_seed
 from ipr_core.types import Task
 
@@ -127,42 +129,58 @@ def describe_view(u: Any, with_inventory: bool) -> str:
     return text
 
 
-class BabyAIEnv:
+def babyai_levels() -> list[str] | None:
+    """The BabyAI level ids minigrid registers with gymnasium, None when minigrid is not installed."""
+    try:
+        import gymnasium as gym
+        import minigrid  # noqa: F401  (registers the BabyAI levels with gymnasium)
+    except ImportError:
+        return None
+    return sorted(k for k in gym.envs.registry if k.startswith("BabyAI-"))
+
+
+def default_actions(level: str) -> tuple[str, ...]:
+    """The three moves on single-room navigation levels, all six commands elsewhere."""
+    short = level.removeprefix("BabyAI-").split("-v")[0]
+    return NAV_ACTIONS if short.startswith(_NAV_LEVELS) else ALL_ACTIONS
+
+
+class BabyAIOptions(EnvOptions):
+    """Options of ``babyai``."""
+
+    level: Annotated[str, one_of("BabyAI level", babyai_levels)] = Field("BabyAI-GoToObj-v0", description="A BabyAI level id that minigrid registers (BabyAI-<name>-v<N>).")
+    actions: Annotated[tuple[str, ...] | None, BeforeValidator(comma_separated), subset_of("BabyAI actions", ALL_ACTIONS)] = Field(
+        None, description=f"The commands the agent may use, from {list(ALL_ACTIONS)}; None: default_actions(level)."
+    )
+
+
+class BabyAIEnv(ConfiguredEnv, name="babyai", options=BabyAIOptions):
     """A minigrid BabyAI level behind the ``Environment`` protocol."""
 
-    name = "babyai"
+    def _configure(self, o: BabyAIOptions) -> None:
+        self.level = o.level
+        self.actions: tuple[str, ...] = o.actions if o.actions is not None else default_actions(o.level)
+        self.max_steps = int(o.max_steps or DEFAULT_MAX_STEPS.get(o.level) or self._level_max_steps())
+        # The level itself enforces the same limit and computes its reward with it.
+        self._env = self._make(max_steps=self.max_steps)
+        self._with_inventory = "pick up" in self.actions
+        self._task: Task | None = None
 
-    def __init__(self, level: str = "BabyAI-GoToObj-v0", max_steps: int | None = None, actions: Sequence[str] | None = None):
+    def _make(self, **kwargs: Any) -> Any:
         import gymnasium as gym
         import minigrid  # noqa: F401  (registers the BabyAI levels with gymnasium)
 
-        self.level = level
-        if actions is None:
-            short = level.removeprefix("BabyAI-").split("-v")[0]
-            actions = NAV_ACTIONS if short.startswith(_NAV_LEVELS) else ALL_ACTIONS
-        unknown = sorted(set(actions) - set(ALL_ACTIONS))
-        if unknown:
-            raise ValueError(f"unknown BabyAI actions {unknown}; choose from {list(ALL_ACTIONS)}")
-        self.actions: tuple[str, ...] = tuple(actions)
-        if not max_steps and level not in DEFAULT_MAX_STEPS:
-            # Other levels: their own limit, which they set on reset from the maze size.
-            try:
-                probe = gym.make(level).unwrapped
-            except gym.error.Error as e:
-                raise ValueError(f"unknown BabyAI level {level!r}: {e}") from None
-            with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
-                probe.reset(seed=0)
-            max_steps = probe.max_steps
-        self.max_steps = int(max_steps or DEFAULT_MAX_STEPS[level])
-        # The level itself enforces the same limit and computes its reward with it.
         try:
-            self._env = gym.make(level, max_steps=self.max_steps).unwrapped
+            return gym.make(self.level, **kwargs).unwrapped
         except gym.error.Error as e:
-            raise ValueError(f"unknown BabyAI level {level!r}: {e}") from None
-        self._with_inventory = "pick up" in self.actions
-        self._t = 0
-        self._done = True
-        self._task: Task | None = None
+            raise ValueError(f"unknown BabyAI level {self.level!r}: {e}") from None
+
+    def _level_max_steps(self) -> int:
+        """A level outside DEFAULT_MAX_STEPS: its own limit, which it sets on reset from the maze size."""
+        probe = self._make()
+        with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
+            probe.reset(seed=0)
+        return int(probe.max_steps)
 
     # --- tasks --------------------------------------------------------------------
 
@@ -184,8 +202,7 @@ class BabyAIEnv:
         Prefix-stable: ``list_tasks(s, 10)`` is the start of ``list_tasks(s, 100)``.
         BabyAI has no finite task list, so ``n`` is required.
         """
-        if split not in SPLIT_BUCKETS:
-            raise ValueError(f"unknown split {split!r} for babyai; choose from {sorted(SPLIT_BUCKETS)}")
+        check_split(self.name, split, sorted(SPLIT_BUCKETS))
         if n is None:
             raise ValueError("babyai generates tasks on demand: pass n")
         buckets = SPLIT_BUCKETS[split]
@@ -237,8 +254,7 @@ class BabyAIEnv:
         return describe_view(self._env, self._with_inventory)
 
     def step(self, action: str) -> StepResult:
-        if self._done:
-            raise RuntimeError("step() called on a finished episode: call reset(task) first")
+        require_episode(self._done)
         text = " ".join(action.lower().split()).rstrip(".")
         invalid = text not in self.actions
         _, reward, terminated, truncated, _ = self._env.step(_NOOP if invalid else _ACTION_IDS[text])

@@ -9,9 +9,9 @@ scores the result of the LAST query run (``intercode_reward``: InterCode's
 intersection-over-union of result rows scaled by their order agreement).
 Paper settings: at most 10 turns, success only at reward 1.0.
 
-Two backends serve the same databases (``sql_backends.py``): an embedded
-read-only SQLite copy of InterCode's MySQL dump (default, no server) and a
-MariaDB/MySQL server (InterCode's own setting). ``SHOW TABLES`` and
+Two backends serve the same databases (the ``ipr_core.envs.sql`` package): an
+embedded read-only SQLite copy of InterCode's MySQL dump (default, no server)
+and a MariaDB/MySQL server (InterCode's own setting). ``SHOW TABLES`` and
 ``DESCRIBE <table>`` are answered from the dump's schema on both, in MySQL 8's
 format (InterCode's server), so the expert's exploration and the agent's
 observations do not depend on the backend. ``docs/intercode_sql.md`` lists
@@ -19,14 +19,12 @@ every deviation from InterCode and where the two backends disagree.
 
 Splits: the paper trained on 1,500 Spider-train questions and tested on 200;
 only the 1,034 dev questions ship here, so train/test are a deterministic
-split of the task file, by question (default) or by database (a harder test
-of generalisation to unseen schemas).
+split of the task file (``sql/tasks.py``), by question (default) or by
+database (a harder test of generalisation to unseen schemas).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import random
@@ -34,115 +32,47 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
-from ipr_core.envs.base import StepResult
-from ipr_core.envs.sql_backends import (
-    Dump,
+from pydantic import BeforeValidator, Field, field_validator
+
+from ipr_core.envs.base import ConfiguredEnv, StepResult, check_split, first_n, require_episode
+from ipr_core.envs.registry import EnvOptions, comma_separated, subset_of
+from ipr_core.envs.sql import (  # noqa: F401  (re-exported: the adapter's public names)
+    ERROR_PREFIX,
+    HARDNESS,
+    NO_OUTPUT,
+    OBS_LIMIT,
+    PAPER_TEST_SIZE,
+    Limits,
     MySQLBackend,
+    MySQLURL,
     QueryResult,
+    ReadOnlyAccount,
     SQLBackend,
     SQLiteBackend,
+    SQLRecord,
     default_dump_path,
-    has_executable_comment,
-    mysql_string_value,
+    default_task_file,
+    format_observation,
+    keyword_verdict,
+    load_records,
+    meta_command,
     parse_dump,
+    resolve_test_size,
+    single_statement,
+    split_records,
     split_statements,
     strip_comments,
-    tokenize,
+    tables_in_query,
 )
 from ipr_core.seeding import derive_seed
 from ipr_core.types import Task
 
 NAME = "intercode_sql"
 DEFAULT_MAX_STEPS = 10  # paper: 10 turns for InterCode-SQL
-OBS_LIMIT = 350  # IPR reference: observations longer than 350 characters are cut (+ "...")
-PAPER_TEST_SIZE = 200
-HARDNESS = ("easy", "medium", "hard", "extra")
 SPLITS = ("train", "test")
-ERROR_PREFIX = "Error executing query: "  # InterCode's wording
-NO_OUTPUT = "[Executed Successfully with No Output]"  # IPR reference's wording
 MAX_DESCRIBED_TABLES = 3  # expert exploration: DESCRIBE at most this many tables
-
-
-# --- task records --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SQLRecord:
-    index: int  # position in the task file
-    db: str
-    question: str
-    gold: str
-    hardness: str | None = None
-
-
-def default_task_file() -> Path:
-    """intercode-bench's 23-question sample (the full 1,034-question file is given by path)."""
-    return default_dump_path().with_name("sql_queries.csv")
-
-
-def load_records(path: str | Path) -> tuple[SQLRecord, ...]:
-    """InterCode task files: JSON (a list of {db, query, gold, hardness?}), JSON lines or CSV (query, gold, db)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".csv":
-        rows: list[Mapping[str, Any]] = list(csv.DictReader(text.splitlines()))
-    elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        rows = json.loads(text)
-    out = []
-    for i, r in enumerate(rows):
-        missing = [k for k in ("db", "query", "gold") if not r.get(k)]
-        if missing:
-            raise ValueError(f"{path.name} row {i} lacks {missing}")
-        out.append(SQLRecord(i, str(r["db"]), str(r["query"]).strip(), str(r["gold"]).strip(), r.get("hardness") or None))
-    return tuple(out)
-
-
-def resolve_test_size(test_size: int | float | None, n: int) -> int:
-    """Questions in the test split: an int is a count, a float in (0, 1) a fraction;
-    None = the paper's 200, capped at 20% of the file (5 of the 23-question sample)."""
-    if test_size is None:
-        k = min(PAPER_TEST_SIZE, round(0.2 * n))
-    elif isinstance(test_size, float):
-        if not 0 < test_size < 1:
-            raise ValueError(f"a fractional test_size must be in (0, 1), got {test_size}")
-        k = round(test_size * n)
-    else:
-        k = int(test_size)
-    if not 0 <= k < n:
-        raise ValueError(f"test_size={test_size!r} gives {k} test questions out of {n}: need 0 <= k < {n}")
-    return k
-
-
-def split_records(records: Sequence[SQLRecord], split_by: Literal["question", "database"] = "question", test_size: int | float | None = None, split_seed: int = 0) -> dict[str, tuple[int, ...]]:
-    """Deterministic train/test split of record indices.
-
-    By question: a seeded permutation, the first ``k`` are test. By database:
-    whole databases (in a seeded order) go to test until it holds at least
-    ``k`` questions, so test schemas never appear in training; at least one
-    database stays in train.
-    """
-    n = len(records)
-    k = resolve_test_size(test_size, n)
-    rng = random.Random(derive_seed(NAME, "split", split_by, split_seed))
-    if split_by == "question":
-        perm = list(range(n))
-        rng.shuffle(perm)
-        test = set(perm[:k])
-    elif split_by == "database":
-        dbs = sorted({r.db for r in records})
-        rng.shuffle(dbs)
-        test = set()
-        for db in dbs[:-1]:
-            if len(test) >= k:
-                break
-            test |= {r.index for r in records if r.db == db}
-    else:
-        raise ValueError(f"split_by must be 'question' or 'database', got {split_by!r}")
-    return {"train": tuple(i for i in range(n) if i not in test), "test": tuple(sorted(test))}
 
 
 # --- InterCode's reward ------------------------------------------------------------------------
@@ -249,16 +179,6 @@ _FENCE = re.compile(r"```[ \t]*(?:sql|mysql|sqlite)?[ \t]*\n?(.*?)```", re.I | r
 _FENCE_OPEN = re.compile(r"^```[ \t]*(?:sql|mysql|sqlite)?\b[ \t]*(.*)$", re.I | re.S)
 _EXECUTE = re.compile(r"^execute\s*\[(.*)\]$", re.I | re.S)
 
-READ_KEYWORDS = {"SELECT", "WITH", "VALUES"}
-META_KEYWORDS = {"SHOW", "DESC", "DESCRIBE", "EXPLAIN"}
-WRITE_KEYWORDS = {
-    "INSERT", "UPDATE", "DELETE", "REPLACE", "MERGE", "UPSERT", "CREATE", "DROP", "ALTER", "TRUNCATE", "RENAME",
-    "GRANT", "REVOKE", "SET", "USE", "LOCK", "UNLOCK", "CALL", "LOAD", "HANDLER", "DO", "PREPARE", "EXECUTE",
-    "DEALLOCATE", "BEGIN", "START", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "FLUSH", "KILL", "INSTALL",
-    "UNINSTALL", "ANALYZE", "OPTIMIZE", "REPAIR", "CHECK", "CHECKSUM", "ATTACH", "DETACH", "PRAGMA", "VACUUM",
-    "REINDEX", "SHUTDOWN", "RESET", "PURGE", "CHANGE", "BINLOG", "XA", "IMPORT", "BACKUP", "RESTORE", "CACHE",
-}  # fmt: skip
-
 
 @dataclass(frozen=True)
 class SQLAction:
@@ -287,180 +207,93 @@ def parse_action(action: str) -> SQLAction:
     return SQLAction("sql", sql)
 
 
-def first_keyword(stmt: str) -> str:
-    m = re.match(r"[\s(]*([A-Za-z_]+)", strip_comments(stmt))
-    return m.group(1).upper() if m else ""
-
-
-_SHOW_TABLES = re.compile(r"^SHOW\s+(FULL\s+)?TABLES(?:\s+(?:FROM|IN)\s+`?([\w$]+)`?)?(?:\s+LIKE\s+('(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\"))?$", re.I)
-_DESCRIBE = re.compile(r"^(?:DESC|DESCRIBE|EXPLAIN)\s+(?:`?([\w$]+)`?\s*\.\s*)?`?([\w$]+)`?(?:\s+`?([\w$]+)`?)?$", re.I)
-_SHOW_COLUMNS = re.compile(r"^SHOW\s+(?:FULL\s+)?(?:COLUMNS|FIELDS)\s+(?:FROM|IN)\s+(?:`?([\w$]+)`?\s*\.\s*)?`?([\w$]+)`?(?:\s+(?:FROM|IN)\s+`?([\w$]+)`?)?$", re.I)
-
-
-def _like_regex(pattern: str) -> re.Pattern[str]:
-    out = "".join(".*" if ch == "%" else "." if ch == "_" else re.escape(ch) for ch in pattern)
-    return re.compile(f"^{out}$", re.I | re.S)
-
-
-def meta_command(dump: Dump, db: str, stmt: str) -> QueryResult | None:
-    """SHOW TABLES / DESCRIBE <table> / SHOW COLUMNS FROM <table>, answered from the dump's
-    schema in MySQL 8's format (identical on both backends); None for any other statement."""
-    s = strip_comments(stmt).rstrip(" ;\t\n")
-    m = _SHOW_TABLES.match(s)
-    if m:
-        name = m.group(2) or db
-        if name.lower() not in dump.databases:
-            return QueryResult(error=f"Unknown database '{name.lower()}'")
-        names = dump.database(name).table_names()
-        if m.group(3):
-            rx = _like_regex(mysql_string_value(m.group(3)))
-            names = [t for t in names if rx.match(t)]
-        return QueryResult(rows=tuple((t, "BASE TABLE") if m.group(1) else (t,) for t in names))
-    m = _DESCRIBE.match(s)
-    column = None
-    if m:
-        schema, table, column = m.group(1), m.group(2), m.group(3)
-    else:
-        m = _SHOW_COLUMNS.match(s)
-        if not m:
-            return None
-        schema, table = m.group(1) or m.group(3), m.group(2)
-    name = schema or db
-    if name.lower() not in dump.databases:
-        return QueryResult(error=f"Unknown database '{name.lower()}'")
-    t = dump.database(name).table(table)
-    if t is None:
-        return QueryResult(error=f"Table '{name.lower()}.{table.lower()}' doesn't exist")
-    rows = t.describe_rows()
-    if column:
-        rows = tuple(r for r in rows if _like_regex(column).match(r[0]))
-    return QueryResult(rows=rows)
-
-
-def tables_in_query(dump: Dump, db: str, sql: str) -> list[str]:
-    """Tables of ``db`` that ``sql`` names (outside string literals), lowercased, in order of first mention."""
-    names = {t.lower() for t in dump.database(db).table_names()}
-    found: list[str] = []
-    for kind, text in tokenize(sql):
-        if kind == "ident":
-            words = [text.strip("`")]
-        elif kind == "other":
-            words = re.findall(r"[A-Za-z_$][\w$]*", text)
-        else:
-            continue
-        for w in words:
-            if w.lower() in names and w.lower() not in found:
-                found.append(w.lower())
-    return found
-
-
-def format_observation(result: QueryResult | None, limit: int = OBS_LIMIT) -> str:
-    """Rows as InterCode prints them (``str`` of a list of tuples) or ``Error executing query: ...``, cut to ``limit`` characters + '...'."""
-    if result is None:
-        text = "No query was run."
-    elif result.error is not None:
-        text = ERROR_PREFIX + result.error
-    elif result.rows is None:
-        text = NO_OUTPUT
-    else:
-        text = str(list(result.rows))
-    return text[:limit] + "..." if len(text) > limit else text
-
-
 # --- the environment --------------------------------------------------------------------------
 
 
-class InterCodeSQLEnv:
+class InterCodeSQLOptions(EnvOptions):
+    """Options of ``intercode_sql`` (``docs/intercode_sql.md``, "Options")."""
+
+    task_file: Path | None = Field(None, description="InterCode task file (.json list, .jsonl or .csv); None: intercode-bench's 23-question sample. The full 1,034-question file: see docs/intercode_sql.md.")
+    split_by: Literal["question", "database"] = Field("question", description="'question' (random questions) or 'database' (whole databases held out: unseen schemas).")
+    hardness: Annotated[tuple[str, ...] | None, BeforeValidator(comma_separated), subset_of("hardness", HARDNESS)] = Field(
+        None, description=f"Keep only these Spider hardness levels ({', '.join(HARDNESS)}), applied after the split; files without hardness keep all."
+    )
+    test_size: int | float | None = Field(None, description="Test questions: an int count, a float fraction in (0, 1); None: 200 capped at 20% of the file.")
+    split_seed: int = Field(0, description="Seed of the train/test split (not of list_tasks' order).")
+    backend: Literal["sqlite", "mysql"] = Field("sqlite", description="'sqlite' (embedded, read-only cached copies of the dump) or 'mysql' (a MariaDB/MySQL server).")
+    mysql_url: str | None = Field(None, description="mysql://user:password@host:port of an account that may create databases and users; None: $IPR_MYSQL_URL.")
+    statement_timeout_s: float = Field(5.0, gt=0, description="Per-statement time limit on both backends.")
+    dump_path: Path | None = Field(None, description="The MySQL dump; None: intercode-bench's.")
+    cache_dir: Path | None = Field(None, description="The SQLite cache root; None: $IPR_CACHE_DIR or ~/.cache/ipr-flow.")
+    tables_in_prompt: bool = Field(False, description="Also list the database's tables in the first message.")
+    obs_limit: int = Field(OBS_LIMIT, ge=1, description="Observation length cut (IPR: 350).")
+    max_rows: int = Field(100_000, ge=1, description="Larger results are an error.")
+    readonly_user: str = Field("ipr_agent", description="The server account the agent's queries run as.")
+    readonly_password: str = Field("ipr_agent", description="Its password.")
+
+    @field_validator("test_size")
+    @classmethod
+    def _test_size(cls, test_size: int | float | None) -> int | float | None:
+        if isinstance(test_size, float) and not 0 < test_size < 1:
+            raise ValueError(f"a fractional test_size must be in (0, 1), got {test_size}")
+        if isinstance(test_size, int) and test_size < 0:
+            raise ValueError(f"test_size must be >= 0, got {test_size}")
+        return test_size
+
+    @field_validator("mysql_url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is not None:
+            MySQLURL.parse(url)  # the scheme; the password never reaches the message
+        return url
+
+
+class InterCodeSQLEnv(ConfiguredEnv, name=NAME, options=InterCodeSQLOptions):
     """InterCode-SQL on SQLite (default) or a MariaDB/MySQL server (``backend="mysql"``)."""
 
-    name = NAME
+    def _configure(self, o: InterCodeSQLOptions) -> None:
+        self.max_steps = int(o.max_steps or DEFAULT_MAX_STEPS)
+        self.obs_limit = o.obs_limit
+        self.tables_in_prompt = o.tables_in_prompt
+        self._load_tasks(o)
+        self._load_dump(o)
+        self.backend_kind = o.backend
+        self.backend: SQLBackend = self._open_backend(o)
+        self._record: SQLRecord | None = None
+        self._last: QueryResult | None = None
 
-    def __init__(
-        self,
-        task_file: str | Path | None = None,
-        split_by: Literal["question", "database"] = "question",
-        hardness: Sequence[str] | None = None,
-        test_size: int | float | None = None,
-        split_seed: int = 0,
-        backend: Literal["sqlite", "mysql"] = "sqlite",
-        mysql_url: str | None = None,
-        statement_timeout_s: float = 5.0,
-        max_steps: int | None = None,
-        dump_path: str | Path | None = None,
-        cache_dir: str | Path | None = None,
-        tables_in_prompt: bool = False,
-        obs_limit: int = OBS_LIMIT,
-        max_rows: int = 100_000,
-        readonly_user: str = "ipr_agent",
-        readonly_password: str = "ipr_agent",
-    ):
-        """
-        task_file: InterCode task file (.json list, .jsonl or .csv); default: intercode-bench's 23-question
-            sample. The full set: ../shared/data/intercode_sql/ic_spider_dev.json (1,034 questions).
-        split_by: "question" (random questions) or "database" (whole databases held out: unseen schemas).
-        hardness: keep only these Spider hardness levels (easy, medium, hard, extra); applied after the
-            split, so the split itself does not depend on it. Files without hardness (the CSV) keep all.
-        test_size / split_seed: test questions (int count, float fraction; None = 200 capped at 20%) and
-            the seed of the split (not of list_tasks' order).
-        backend: "sqlite" (embedded, read-only cached copies of the dump) or "mysql" (MariaDB/MySQL server).
-        mysql_url: mysql://user:password@host:port of an account that may create databases and users (the
-            dump is loaded once, the agent runs as ``readonly_user``); default: $IPR_MYSQL_URL.
-        statement_timeout_s: per-statement time limit on both backends.
-        max_steps: turn limit (paper: 10); the episode ends unscored (reward 0) when reached without submit.
-        dump_path / cache_dir: the MySQL dump (default: intercode-bench's) and the SQLite cache root
-            (default: $IPR_CACHE_DIR or ~/.cache/ipr-flow).
-        tables_in_prompt: also list the database's tables in the first message.
-        obs_limit: observation length cut (IPR: 350). max_rows: larger results are an error.
-        """
-        if backend not in ("sqlite", "mysql"):
-            raise ValueError(f"backend must be 'sqlite' or 'mysql', got {backend!r}")
-        if split_by not in ("question", "database"):
-            raise ValueError(f"split_by must be 'question' or 'database', got {split_by!r}")
-        if isinstance(hardness, str):  # a single level from a key=value override
-            hardness = [hardness]
-        bad = sorted(set(hardness or ()) - set(HARDNESS))
-        if bad:
-            raise ValueError(f"unknown hardness {bad}; choose from {list(HARDNESS)}")
-        if statement_timeout_s <= 0:
-            raise ValueError(f"statement_timeout_s must be > 0, got {statement_timeout_s}")
-        self.max_steps = int(max_steps or DEFAULT_MAX_STEPS)
-        self.task_file = Path(task_file).expanduser() if task_file is not None else default_task_file()
+    def _load_tasks(self, o: InterCodeSQLOptions) -> None:
+        """The task file's questions and their train/test split."""
+        self.task_file = o.task_file.expanduser() if o.task_file is not None else default_task_file()
         self.records = load_records(self.task_file)
-        self.split_by = split_by
-        self.hardness = tuple(hardness) if hardness else None
-        self.splits = split_records(self.records, split_by, test_size, split_seed)
-        self.obs_limit = int(obs_limit)
-        self.tables_in_prompt = bool(tables_in_prompt)
-        self.dump = parse_dump(dump_path or default_dump_path())
+        self.split_by = o.split_by
+        self.hardness = o.hardness or None
+        self.splits = split_records(self.records, o.split_by, o.test_size, o.split_seed)
+
+    def _load_dump(self, o: InterCodeSQLOptions) -> None:
+        """The dump's databases, which must hold every database the questions use."""
+        self.dump = parse_dump(o.dump_path or default_dump_path())
         unknown = sorted({r.db for r in self.records if r.db.lower() not in self.dump.databases})
         if unknown:
             raise ValueError(f"{self.task_file.name} uses databases the dump lacks: {unknown}")
-        self.backend_kind = backend
-        self.backend: SQLBackend
-        if backend == "sqlite":
-            self.backend = SQLiteBackend(self.dump, cache_dir, statement_timeout_s, max_rows)
-        else:
-            url = mysql_url or os.environ.get("IPR_MYSQL_URL")
-            if not url:
-                raise ValueError("backend='mysql' needs mysql_url (mysql://user:password@host:port) or $IPR_MYSQL_URL")
-            self.backend = MySQLBackend(self.dump, url, statement_timeout_s, max_rows, readonly_user, readonly_password)
-        self._record: SQLRecord | None = None
-        self._last: QueryResult | None = None
-        self._t = 0
-        self._done = True
+
+    def _open_backend(self, o: InterCodeSQLOptions) -> SQLBackend:
+        limits = Limits(o.statement_timeout_s, o.max_rows)
+        if o.backend == "sqlite":
+            return SQLiteBackend(self.dump, o.cache_dir, limits)
+        url = o.mysql_url or os.environ.get("IPR_MYSQL_URL")
+        if not url:
+            raise ValueError("backend='mysql' needs mysql_url (mysql://user:password@host:port) or $IPR_MYSQL_URL")
+        return MySQLBackend(self.dump, url, limits, ReadOnlyAccount(o.readonly_user, o.readonly_password))
 
     # --- tasks ---------------------------------------------------------------------------
 
     def list_tasks(self, split: str, n: int | None = None, seed: int = 0) -> list[Task]:
         """``n`` questions of ``split`` (after the hardness filter) in a seeded, prefix-stable order."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r} for intercode_sql; choose from {list(SPLITS)}")
+        check_split(self.name, split, SPLITS)
         idx = [i for i in self.splits[split] if self.hardness is None or self.records[i].hardness in self.hardness or self.records[i].hardness is None]
         random.Random(derive_seed(NAME, self.task_file.name, split, seed)).shuffle(idx)
-        if n is not None:
-            if n > len(idx):
-                raise ValueError(f"{self.task_file.name} has {len(idx)} {split} questions (split_by={self.split_by}, hardness={self.hardness}), {n} requested")
-            idx = idx[:n]
+        idx = first_n(idx, n, f"{split} questions in {self.task_file.name} (split_by={self.split_by}, hardness={self.hardness})")
         return [self._task(self.records[i], split) for i in idx]
 
     def _task(self, r: SQLRecord, split: str) -> Task:
@@ -507,24 +340,15 @@ class InterCodeSQLEnv:
     def _run(self, sql: str) -> tuple[QueryResult, bool]:
         """(result, refused): one vetted statement, refusals explained in the error text."""
         assert self._record is not None
-        stmts = split_statements(sql)
-        if len(stmts) > 1:
-            return QueryResult(error=f"only one SQL statement per action is allowed (found {len(stmts)} separated by ';'); nothing was run"), True
-        stmt = stmts[0]
-        if has_executable_comment(stmt):
-            return QueryResult(error="executable comments (/*! ... */) are not allowed; nothing was run"), True
+        stmt, refusal = single_statement(sql)
+        if refusal is not None:
+            return refusal, True
         meta = meta_command(self.dump, self._record.db, stmt)
         if meta is not None:
             return meta, False
-        kw = first_keyword(stmt)
-        if kw in WRITE_KEYWORDS:
-            return QueryResult(error=f"the database is read-only: {kw} statements are not allowed (only SELECT, SHOW TABLES and DESCRIBE <table>); nothing was run"), True
-        if kw in META_KEYWORDS:
-            return QueryResult(error=f"this {kw} form is not supported: use SHOW TABLES or DESCRIBE <table>"), True
-        if kw not in READ_KEYWORDS:
-            # What MySQL answers to prose or unknown statements, without running them.
-            near = strip_comments(stmt)[:80].replace("'", "\\'")
-            return QueryResult(error=f"You have an error in your SQL syntax; check the manual that corresponds to your MySQL server version for the right syntax to use near '{near}' at line 1"), False
+        verdict = keyword_verdict(stmt)
+        if verdict is not None:
+            return verdict
         return self.backend.execute(self._record.db, stmt), False
 
     def gold_result(self, record: SQLRecord) -> QueryResult:
@@ -537,8 +361,8 @@ class InterCodeSQLEnv:
         return self.backend.execute(record.db, stmts[0])
 
     def step(self, action: str) -> StepResult:
-        if self._done or self._record is None:
-            raise RuntimeError("step() called without a running episode: call reset(task) first")
+        require_episode(self._done or self._record is None)
+        assert self._record is not None
         self._t += 1
         parsed = parse_action(action)
         info: dict[str, Any] = {"success": False, "invalid": False, "truncated": False, "steps": self._t, "error": False, "refused": False, "submitted": False}
@@ -596,81 +420,3 @@ class InterCodeSQLEnv:
     def close(self) -> None:
         self.backend.close()
         self._done = True
-
-
-# --- backend agreement and benchmarking ---------------------------------------------------------
-
-
-def _rows_close(a: Sequence[tuple], b: Sequence[tuple], rel: float = 1e-6) -> bool:
-    def close(x: Any, y: Any) -> bool:
-        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
-            return math.isclose(float(x), float(y), rel_tol=rel, abs_tol=1e-9)
-        return x == y
-
-    key = lambda r: str(r)  # noqa: E731
-    sa, sb = sorted(a, key=key), sorted(b, key=key)
-    if len(sa) != len(sb):
-        return False
-    if all(len(r) == len(s) and all(close(x, y) for x, y in zip(r, s)) for r, s in zip(sa, sb)):
-        return True
-    # Sorting by str can misalign rows that differ only in float digits: try row order as given.
-    return all(len(r) == len(s) and all(close(x, y) for x, y in zip(r, s)) for r, s in zip(a, b))
-
-
-def compare_results(a: QueryResult, b: QueryResult, sql: str = "") -> str:
-    """Why two results of the same query differ: "same", "same rows, other order", or a reason."""
-    if not a.ok or not b.ok:
-        if not a.ok and not b.ok:
-            return "both fail"
-        return "fails on first" if not a.ok else "fails on second"
-    ra, rb = list(a.rows or ()), list(b.rows or ())
-    if [str(r) for r in ra] == [str(r) for r in rb]:
-        return "same"
-    if Counter(map(str, ra)) == Counter(map(str, rb)):
-        return "same rows, other order"
-    if len(ra) != len(rb):
-        return "different row count"
-    if _rows_close(ra, rb):
-        return "float rounding"
-    low = lambda rows: Counter(str(tuple(v.lower() if isinstance(v, str) else v for v in r)) for r in rows)  # noqa: E731
-    if low(ra) == low(rb):
-        return "letter case"
-    if re.search(r"\border\s+by\b.*\blimit\b", sql, re.I | re.S):
-        return "tie under ORDER BY ... LIMIT"  # the order leaves several rows equal: each engine keeps another
-    return "different values"
-
-
-def gold_agreement(records: Sequence[SQLRecord], first: SQLBackend, second: SQLBackend) -> dict[str, Any]:
-    """Run every gold query on two backends and compare: counts per reason, the
-    agreement rate (same rows, any order) and InterCode's reward of one backend's
-    result against the other's (mean), plus the disagreeing questions."""
-    reasons: Counter = Counter()
-    rewards = []
-    examples: list[dict[str, Any]] = []
-    for r in records:
-        stmt = split_statements(r.gold)[0]
-        a, b = first.execute(r.db, stmt), second.execute(r.db, stmt)
-        why = compare_results(a, b, stmt)
-        reasons[why] += 1
-        rewards.append(intercode_reward(a.rows if a.ok else None, b.rows or ()) if b.ok else float(not a.ok))
-        if why not in ("same", "same rows, other order"):
-            examples.append({"index": r.index, "db": r.db, "gold": r.gold, "reason": why, "first": str(list(a.rows or ()) if a.ok else a.error)[:160], "second": str(list(b.rows or ()) if b.ok else b.error)[:160]})
-    n = len(records)
-    agree = reasons["same"] + reasons["same rows, other order"]
-    return {"n": n, "agree": agree, "rate": agree / n if n else 1.0, "mean_cross_reward": sum(rewards) / n if n else 1.0, "reasons": dict(reasons), "disagreements": examples}
-
-
-def bench_specs(mysql_url: str | None = None, task_file: str | Path | None = None, n_tasks: int = 20) -> list[dict[str, Any]]:
-    """Entries for bench/envs.py: per-step latency of each backend on the same tasks.
-
-    Each entry is {"label", "env", "options", "n_tasks"}. The MySQL entry takes
-    ``mysql_url`` (else $IPR_MYSQL_URL); without one, building it raises
-    ValueError, which the benchmark reports as skipped. A throwaway server:
-    ``with LocalMariaDB() as server: bench_specs(server.url)``.
-    """
-    common: dict[str, Any] = {"task_file": str(task_file)} if task_file else {}
-    url = mysql_url or os.environ.get("IPR_MYSQL_URL")
-    return [
-        {"label": "intercode_sql sqlite", "env": NAME, "options": {**common, "backend": "sqlite"}, "n_tasks": n_tasks},
-        {"label": "intercode_sql mariadb", "env": NAME, "options": {**common, "backend": "mysql", **({"mysql_url": url} if url else {})}, "n_tasks": n_tasks},
-    ]

@@ -2,9 +2,10 @@
 
 TextWorld-Express and ScienceWorld run their simulators in a JVM reached over
 py4j. Their Python wrappers start that JVM with the default heap (a quarter of
-the machine's memory: ~5 GB per ScienceWorld instance, DESIGN.md) and offer no
-option to cap it, so the adapters start the bundled jar themselves through
-``JavaServer`` with ``-Xmx``. Every py4j failure (dead process, broken socket,
+the machine's memory: ~5 GB per ScienceWorld instance; memory and heap caps:
+``docs/environments.md``) and offer no option to cap it, so the adapters start
+the bundled jar themselves through ``JavaServer`` with ``-Xmx`` (the ``heap``
+option, ``JVMHeap``). Every py4j failure (dead process, broken socket,
 exception inside the simulator) becomes ``EnvError``: transient, the rollout
 runner replaces the instance and retries the episode.
 
@@ -14,17 +15,30 @@ raised ``EnvError``, so a crashed JVM never serves a second episode.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import re
 import subprocess
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Annotated, Any, Callable, Iterator, Sequence
 
-from ipr_core.envs.base import Environment, EnvError
+from pydantic import AfterValidator
+
+from ipr_core.envs.base import ConfiguredEnv, Environment, EnvError
 
 log = logging.getLogger(__name__)
 
+
+def _check_heap(heap: str) -> str:
+    if heap and not re.fullmatch(r"\d+[kKmMgG]?", heap):
+        raise ValueError(f"heap must be a JVM size such as 256m or 2g (-Xmx; '' for no cap), got {heap!r}")
+    return heap
+
+
+# The ``heap`` option of a JVM-backed adapter: the simulator JVM's -Xmx.
+JVMHeap = Annotated[str, AfterValidator(_check_heap)]
 
 
 def process_rss(pid: int) -> int | None:
@@ -37,6 +51,7 @@ def process_rss(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
 
 @dataclass(frozen=True)
 class JVMOptions:
@@ -133,23 +148,99 @@ class JavaServer:
             pass
 
 
+@dataclass(frozen=True)
+class Simulator:
+    """A simulator shipped as a jar inside its Python package."""
 
-class JVMBackedEnv:
-    """What the JVM-backed adapters (TextWorld-Express, ScienceWorld) share: calls
-    into the simulator through its ``JavaServer``, and the process's identity."""
+    title: str  # for messages: "ScienceWorld"
+    package: str  # whose ``constants`` module has JAR_PATH and BASEPATH (its working directory)
+    interface: str  # the Java class the Python side talks to, dotted
 
+    def jar(self) -> tuple[str, str]:
+        constants = importlib.import_module(f"{self.package}.constants")
+        return constants.JAR_PATH, constants.BASEPATH
+
+    def open(self, server: "JavaServer") -> Any:
+        """A new instance of ``interface`` in ``server``'s JVM."""
+
+        def new() -> Any:
+            cls = server.jvm
+            for part in self.interface.split("."):
+                cls = getattr(cls, part)
+            return cls()
+
+        return server.call(new)
+
+
+class JVMBackedEnv(ConfiguredEnv):
+    """What the JVM-backed adapters (TextWorld-Express, ScienceWorld) share: the
+    simulator's ``JavaServer`` (heap from the ``heap`` option), (re)started between
+    episodes, calls into it, the gold action sequence, and the process's identity.
+
+    An adapter names its simulator (``class X(JVMBackedEnv, ..., simulator=Simulator(...))``),
+    may extend ``_open_api`` (the interface on a fresh server) and drops state
+    tied to one server (a loaded task) in ``_forget_server_state``.
+    """
+
+    _simulator = Simulator("simulator", "", "")
     _server: "JavaServer | None" = None
     _api: Any = None
-    _sim_name: str = "simulator"
+
+    def __init_subclass__(cls, *, simulator: Simulator | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if simulator is not None:
+            cls._simulator = simulator
+
+    @property
+    def _jvm_options(self) -> JVMOptions:
+        heap = getattr(self.options, "heap", None)
+        return JVMOptions(heap=heap) if heap is not None else JVMOptions()
+
+    def _open_api(self, server: JavaServer) -> Any:
+        return self._simulator.open(server)
+
+    def _forget_server_state(self) -> None:
+        pass
+
+    def _ensure_server(self) -> Any:
+        """The simulator's interface, (re)started if it is not running: entry points
+        (list_tasks, reset, expert) heal a crashed instance here."""
+        if self._server is not None and not self._server.alive():
+            self._stop_server()
+        if self._server is None:
+            jar, cwd = self._simulator.jar()
+            server = JavaServer(jar, cwd, self._jvm_options)
+            try:
+                api = self._open_api(server)
+            except BaseException:
+                server.close()
+                raise
+            self._server, self._api = server, api
+        return self._api
+
+    def _stop_server(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self._forget_server_state()
 
     def _call(self, method: str, *args: Any) -> Any:
         # Never restarts the JVM: mid-episode a fresh simulator would silently
         # lose the episode's state. Entry points (list_tasks, reset, expert) heal.
         if self._server is None:
-            raise EnvError(f"the {self._sim_name} JVM is not running; reset() starts it")
+            raise EnvError(f"the {self._simulator.title} JVM is not running; reset() starts it")
         # The attribute lookup goes inside call(): with auto_field py4j asks the JVM
         # whether ``method`` is a field, so a dead JVM fails on the lookup itself.
         return self._server.call(lambda *a: getattr(self._api, method)(*a), *args)
+
+    def _gold_actions(self) -> list[str] | None:
+        """The loaded game's gold action sequence, None when the simulator has none.
+        Ends any running episode: the gold game is not one."""
+        gold = [str(a) for a in self._call("getGoldActionSequence")]
+        self._done = True
+        if not gold or gold[0].startswith("ERROR"):
+            return None
+        return gold
 
     @property
     def pid(self) -> int | None:
@@ -157,6 +248,11 @@ class JVMBackedEnv:
 
     def rss_bytes(self) -> int | None:
         return self._server.rss_bytes() if self._server is not None else None
+
+    def close(self) -> None:
+        self._stop_server()
+        self._done = True
+
 
 class EnvPool:
     """Up to ``size`` environment instances lent to one user at a time.

@@ -1,9 +1,10 @@
 """ScienceWorld: 30 science-experiment tasks in a text simulator (ETO's setting).
 
 Runs the package's bundled jar in our own JVM (``pool.JavaServer``) because the
-package's wrapper can neither cap the heap (each instance would take ~5 GB) nor
-skip rebuilding the valid-action list after every step (~10x the step cost);
-``valid_actions=True`` asks for that list in ``info`` when a caller needs it.
+package's wrapper can neither cap the heap (each instance would take ~5 GB,
+``docs/environments.md``) nor skip rebuilding the valid-action list after every
+step (~10x the step cost); ``valid_actions=True`` asks for that list in
+``info`` when a caller needs it.
 
 Splits: ETO-style, by variation, from the simulator's own train/dev/test
 variation lists. Reward: the score (0-100) / 100, a negative score (failure)
@@ -28,12 +29,16 @@ so they stay in. The other tasks replayed identically.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
-from typing import Any, Sequence
+from typing import Annotated, Any
 
-from ipr_core.envs.base import EnvError, StepResult
-from ipr_core.envs.pool import JavaServer, JVMBackedEnv, JVMOptions
+from pydantic import BeforeValidator, Field
+
+from ipr_core.envs.base import StepResult, Thought, check_split, command_thought, first_n, require_episode, two_part
+from ipr_core.envs.pool import JVMBackedEnv, JVMHeap, Simulator
+from ipr_core.envs.registry import EnvOptions, comma_separated, subset_of
 from ipr_core.seeding import derive_seed
 from ipr_core.types import Task
 
@@ -128,65 +133,50 @@ def parse_menu(text: str) -> list[tuple[str, int]] | None:
     return sorted(options) or None
 
 
-class ScienceWorldEnv(JVMBackedEnv):
+@functools.lru_cache(maxsize=1)
+def all_task_names() -> tuple[str, ...] | None:
+    """The simulator's 30 task names (sorted), None when scienceworld is not installed."""
+    try:
+        from scienceworld.constants import ID2TASK
+    except ImportError:
+        return None
+    return tuple(sorted(ID2TASK.values()))
+
+
+class ScienceWorldOptions(EnvOptions):
+    """Options of ``scienceworld``."""
+
+    task_names: Annotated[tuple[str, ...] | None, BeforeValidator(comma_separated), subset_of("ScienceWorld tasks", all_task_names)] = Field(
+        None, description="Tasks to list (a list or 'a,b'); None: all but STOCHASTIC_TASKS."
+    )
+    simplification: str = Field("easy", description="The simulator's simplification string (ETO: 'easy').")
+    heap: JVMHeap = Field("768m", description="-Xmx of the simulator's JVM.")
+    valid_actions: bool = Field(False, description="Add the valid-action list to every step's info (~10x the step cost).")
+    include_stochastic: bool = Field(False, description="With task_names=None, also list STOCHASTIC_TASKS (their replays diverge).")
+
+
+_SIMULATOR = Simulator("ScienceWorld", "scienceworld", "scienceworld.runtime.pythonapi.PythonInterface")
+
+
+class ScienceWorldEnv(JVMBackedEnv, name="scienceworld", options=ScienceWorldOptions, simulator=_SIMULATOR):
     """ScienceWorld tasks (one or many) behind the ``Environment`` protocol."""
 
-    _sim_name = "ScienceWorld"
-
-    name = "scienceworld"
-
-    def __init__(
-        self,
-        task_names: Sequence[str] | None = None,
-        simplification: str = "easy",
-        max_steps: int | None = None,
-        heap: str = "768m",
-        valid_actions: bool = False,
-        include_stochastic: bool = False,
-    ):
-        from scienceworld.constants import ID2TASK
-
-        all_names = sorted(ID2TASK.values())
-        if isinstance(task_names, str):
-            task_names = [t for t in task_names.split(",") if t]
-        if task_names:
-            unknown = sorted(set(task_names) - set(all_names))
-            if unknown:
-                raise ValueError(f"unknown ScienceWorld tasks {unknown}; choose from {all_names}")
-            names = sorted(set(task_names))
-        else:
-            names = [t for t in all_names if include_stochastic or t not in STOCHASTIC_TASKS]
-        self.task_names: tuple[str, ...] = tuple(names)
-        self.simplification = simplification
-        self.max_steps = int(max_steps or DEFAULT_MAX_STEPS)
-        self.valid_actions = valid_actions
-        self._jvm_options = JVMOptions(heap=heap)
-        self._server: JavaServer | None = None
-        self._api: Any = None
+    def _configure(self, o: ScienceWorldOptions) -> None:
+        known = all_task_names()
+        if known is None:
+            raise ImportError("scienceworld is not installed: pip install 'ipr-flow[scienceworld]'")
+        self.task_names: tuple[str, ...] = tuple(sorted(set(o.task_names)) if o.task_names else [t for t in known if o.include_stochastic or t not in STOCHASTIC_TASKS])
+        self.simplification = o.simplification
+        self.max_steps = int(o.max_steps or DEFAULT_MAX_STEPS)
+        self.valid_actions = o.valid_actions
         self._loaded: tuple[str, int, bool] | None = None
         self._variations: dict[tuple[str, str], tuple[int, ...]] = {}
         self._menu: list[tuple[str, int]] | None = None
-        self._t = 0
-        self._done = True
 
     # --- the JVM ------------------------------------------------------------------
 
-    def _ensure_server(self) -> None:
-        """Start the simulator if it is not running: reset() heals a crashed instance."""
-        if self._server is not None and not self._server.alive():
-            self._server.close()
-            self._server, self._loaded = None, None
-        if self._server is None:
-            from scienceworld.constants import BASEPATH, JAR_PATH
-
-            server = JavaServer(JAR_PATH, BASEPATH, self._jvm_options)
-            try:
-                self._api = server.call(lambda: server.jvm.scienceworld.runtime.pythonapi.PythonInterface())
-            except BaseException:
-                server.close()
-                raise
-            self._server = server
-
+    def _forget_server_state(self) -> None:
+        self._loaded = None  # a new simulator has nothing loaded
 
     def _load(self, task_name: str, variation: int, gold: bool) -> None:
         key = (task_name, variation, gold)
@@ -200,8 +190,7 @@ class ScienceWorldEnv(JVMBackedEnv):
     # --- tasks --------------------------------------------------------------------
 
     def variations(self, task_name: str, split: str) -> tuple[int, ...]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r} for scienceworld; choose from {list(SPLITS)}")
+        check_split(self.name, split, SPLITS)
         key = (task_name, split)
         if key not in self._variations:
             self._ensure_server()
@@ -225,11 +214,7 @@ class ScienceWorldEnv(JVMBackedEnv):
                 if i < len(vs):
                     meta = {"task_name": name, "variation": vs[i], "simplification": self.simplification}
                     tasks.append(Task(f"{name}-{vs[i]}", self.name, split, vs[i], meta))
-        if n is not None:
-            if n > len(tasks):
-                raise ValueError(f"only {len(tasks)} {split} variations for {list(self.task_names)}, {n} requested")
-            tasks = tasks[:n]
-        return tasks
+        return first_n(tasks, n, f"{split} variations for {list(self.task_names)}")
 
     # --- episode ------------------------------------------------------------------
 
@@ -284,8 +269,7 @@ class ScienceWorldEnv(JVMBackedEnv):
         return command, command, True
 
     def step(self, action: str) -> StepResult:
-        if self._done:
-            raise RuntimeError("step() called on a finished episode: call reset(task) first")
+        require_episode(self._done)
         send, record, exact = self._resolve(" ".join(action.split()))
         raw = str(self._call("step", send))
         self._t += 1
@@ -313,9 +297,8 @@ class ScienceWorldEnv(JVMBackedEnv):
         name, variation = self._task_key(task)
         self._ensure_server()
         self._load(name, variation, gold=True)
-        gold = [str(a) for a in self._call("getGoldActionSequence")]
-        self._done = True
-        if not gold or gold[0].startswith("ERROR"):
+        gold = self._gold_actions()
+        if gold is None:
             return None
         if any(_DIGITS.match(a) for a in gold):
             gold = self._menu_answers_as_text(task, gold)
@@ -336,43 +319,24 @@ class ScienceWorldEnv(JVMBackedEnv):
         self._done = True
         return out
 
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        self._loaded = None
-        self._done = True
+
+def _wait_or_next(action: str, verb: str, rest: str) -> str:
+    return "The process needs time, so I wait." if verb.startswith("wait") else f"Next, I {action}."
+
+
+_VERBS: dict[str, Thought] = {
+    "focus": lambda a, v, rest: f"The task is about the {rest.removeprefix('on ')}, so I focus on it.",
+    "teleport": lambda a, v, rest: f"What I need is in the {rest.removeprefix('to ')}, so I go there.",
+    "go": lambda a, v, rest: f"I go to the {rest.removeprefix('to ')}.",
+    "open": "I open the {rest} to get at what is inside.",
+    "pick": lambda a, v, rest: f"I need the {rest.removeprefix('up ')}, so I pick it up.",
+    "move": two_part(" to ", "The {a} should go to the {b}, so I move it."), "pour": lambda a, v, rest: f"I pour the {rest.split(' in ')[0]} where it is needed.",
+    "use": "I {action} to measure or change it.",
+    "activate": "I activate the {rest} to start it.", "deactivate": "I deactivate the {rest} to stop it.",
+    "look": "I {action} to check its state.", "connect": "The circuit needs this link, so I {action}.",
+}  # fmt: skip
 
 
 def science_thought(action: str) -> str:
     """A short deterministic thought for a ScienceWorld command, keyed on its verb."""
-    words = action.split()
-    verb, rest = (words[0].lower(), " ".join(words[1:])) if words else ("", "")
-    if action == "look around":
-        return "I look around to see what is in this room."
-    if verb == "focus":
-        return f"The task is about the {rest.removeprefix('on ')}, so I focus on it."
-    if verb == "teleport":
-        return f"What I need is in the {rest.removeprefix('to ')}, so I go there."
-    if verb == "go":
-        return f"I go to the {rest.removeprefix('to ')}."
-    if verb == "open":
-        return f"I open the {rest} to get at what is inside."
-    if verb == "pick":
-        return f"I need the {rest.removeprefix('up ')}, so I pick it up."
-    if verb == "move" and " to " in rest:
-        thing, place = rest.split(" to ", 1)
-        return f"The {thing} should go to the {place}, so I move it."
-    if verb == "pour":
-        return f"I pour the {rest.split(' in ')[0]} where it is needed."
-    if verb == "use":
-        return f"I {action} to measure or change it."
-    if verb in ("activate", "deactivate"):
-        return f"I {verb} the {rest} to {'start' if verb == 'activate' else 'stop'} it."
-    if verb.startswith("wait"):
-        return "The process needs time, so I wait."
-    if verb == "look":
-        return f"I {action} to check its state."
-    if verb == "connect":
-        return f"The circuit needs this link, so I {action}."
-    return f"Next, I {action}."
+    return command_thought(action, {"look around": "I look around to see what is in this room."}, _VERBS, _wait_or_next)

@@ -17,10 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from typing import Any
+from typing import Annotated, Any
 
-from ipr_core.envs.base import EnvError, StepResult
-from ipr_core.envs.pool import JavaServer, JVMBackedEnv, JVMOptions
+from pydantic import Field
+
+from ipr_core.envs.base import StepResult, Thought, check_split, command_thought, first_n, require_episode, two_part
+from ipr_core.envs.pool import JavaServer, JVMBackedEnv, JVMHeap, Simulator
+from ipr_core.envs.registry import EnvOptions, one_of
 from ipr_core.seeding import derive_seed
 from ipr_core.types import Task
 
@@ -32,49 +35,33 @@ DEFAULT_MAX_STEPS = {"cookingworld": 150, "coin": 50, "twc": 50, "mapreader": 25
 _UNKNOWN = "Unknown action"
 
 
-class TextWorldExpressEnv(JVMBackedEnv):
+class TextWorldExpressOptions(EnvOptions):
+    """Options of ``textworld_express``: one game family per instance."""
+
+    game: Annotated[str, one_of("TextWorld-Express game", GAMES)] = Field("twc", description=f"One of {', '.join(GAMES)}.")
+    game_params: str = Field("", description="The game's own parameters, e.g. 'numLocations=1,includeDoors=0' ('' = the game's defaults).")
+    heap: JVMHeap = Field("256m", description="-Xmx of the simulator's JVM.")
+
+
+_SIMULATOR = Simulator("TextWorld-Express", "textworld_express", "textworldexpress.runtime.PythonInterface")
+
+
+class TextWorldExpressEnv(JVMBackedEnv, name="textworld_express", options=TextWorldExpressOptions, simulator=_SIMULATOR):
     """One TextWorld-Express game family (``game`` with ``game_params``) per instance."""
 
-    _sim_name = "TextWorld-Express"
-
-    name = "textworld_express"
-
-    def __init__(self, game: str = "twc", game_params: str = "", max_steps: int | None = None, heap: str = "256m"):
-        if game not in GAMES:
-            raise ValueError(f"unknown TextWorld-Express game {game!r}; choose from {list(GAMES)}")
-        self.game = game
-        self.game_params = game_params
-        self.max_steps = int(max_steps or DEFAULT_MAX_STEPS[game])
-        self._jvm_options = JVMOptions(heap=heap)
-        self._server: JavaServer | None = None
-        self._api: Any = None
+    def _configure(self, o: TextWorldExpressOptions) -> None:
+        self.game, self.game_params = o.game, o.game_params
+        self.max_steps = int(o.max_steps or DEFAULT_MAX_STEPS[o.game])
         self._task: Task | None = None
-        self._t = 0
-        self._done = True
 
     # --- the JVM ------------------------------------------------------------------
 
-    def _ensure_server(self) -> Any:
-        """The simulator, (re)started if it is not running: reset() heals a crashed instance."""
-        if self._server is not None and not self._server.alive():
-            self._server.close()
-            self._server = None
-        if self._server is None:
-            from textworld_express.constants import BASEPATH, JAR_PATH
-
-            server = JavaServer(JAR_PATH, BASEPATH, self._jvm_options)
-            try:
-                api = server.call(lambda: server.jvm.textworldexpress.runtime.PythonInterface())
-                msg = server.call(api.load, self.game, self.game_params)
-            except BaseException:
-                server.close()
-                raise
-            if msg:
-                server.close()
-                raise ValueError(f"TextWorld-Express rejected game {self.game!r} with params {self.game_params!r}: {msg}")
-            self._server, self._api = server, api
-        return self._api
-
+    def _open_api(self, server: JavaServer) -> Any:
+        api = super()._open_api(server)
+        msg = server.call(api.load, self.game, self.game_params)
+        if msg:
+            raise ValueError(f"TextWorld-Express rejected game {self.game!r} with params {self.game_params!r}: {msg}")
+        return api
 
     # --- tasks --------------------------------------------------------------------
 
@@ -83,16 +70,12 @@ class TextWorldExpressEnv(JVMBackedEnv):
 
     def list_tasks(self, split: str, n: int | None = None, seed: int = 0) -> list[Task]:
         """``n`` seeds of the game's own ``split`` seed list, in a seeded order (prefix-stable)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r} for textworld_express; choose from {list(SPLITS)}")
+        check_split(self.name, split, SPLITS)
         getter = {"train": "getSeedsTrain", "dev": "getSeedsDev", "test": "getSeedsTest"}[split]
         self._ensure_server()
         seeds = sorted(int(s) for s in self._call(getter))
         random.Random(derive_seed("twx", self.game, self.game_params, split, seed)).shuffle(seeds)
-        if n is not None:
-            if n > len(seeds):
-                raise ValueError(f"{self.game} has {len(seeds)} {split} seeds, {n} requested")
-            seeds = seeds[:n]
+        seeds = first_n(seeds, n, f"{split} seeds of {self.game}")
         tag = self._params_tag()
         meta = {"game": self.game, "game_params": self.game_params}
         return [Task(f"{self.game}-{tag}-{split}-{s}", self.name, split, s, meta) for s in seeds]
@@ -125,8 +108,7 @@ class TextWorldExpressEnv(JVMBackedEnv):
         return f"{desc}\n{first['observation'].strip()}"
 
     def step(self, action: str) -> StepResult:
-        if self._done:
-            raise RuntimeError("step() called on a finished episode: call reset(task) first")
+        require_episode(self._done)
         command = " ".join(action.split())  # one line: the simulator parses a single command
         r = json.loads(self._call("stepJSON", command))
         self._t += 1
@@ -142,47 +124,27 @@ class TextWorldExpressEnv(JVMBackedEnv):
     def expert(self, task: Task) -> list[tuple[str, str]] | None:
         """The game's gold action sequence with templated thoughts."""
         self._new_game(task, gold=True)
-        gold = [str(a) for a in self._call("getGoldActionSequence")]
-        self._done = True  # the gold game is not an episode: reset() before stepping
-        if not gold or gold[0].startswith("ERROR"):
-            return None
-        return [(text_game_thought(a), a) for a in gold]
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        self._done = True
+        gold = self._gold_actions()  # the gold game is not an episode: reset() before stepping
+        return [(text_game_thought(a), a) for a in gold] if gold is not None else None
 
 
 _CUT = {"slice": "sliced", "chop": "chopped", "dice": "diced"}
 
 
+_WHOLE_COMMANDS: dict[str, Thought] = {
+    "look around": "I look around to see where I am and what is here.",
+    "inventory": "I check my {action} before going on.", "task": "I check my {action} before going on.",
+}  # fmt: skip
+_VERBS: dict[str, Thought] = {
+    "take": "I need the {rest}, so I take it.", "put": two_part(" in ", "The {a} belongs in the {b}, so I put it there."),
+    "open": "The {rest} is closed, so I open it.", "close": "I am done with the {rest}, so I close it.",
+    "move": "What I need is elsewhere, so I move {rest}.", "read": "The {rest} may tell me what to do, so I read it.",
+    **{verb: f"The recipe needs the {{rest}} {done}, so I {verb} it." for verb, done in _CUT.items()},
+    "cook": "The recipe says to cook it this way, so I {action}.",
+    "prepare": "Everything is ready, so I {action}.", "eat": "Everything is ready, so I {action}.",
+}  # fmt: skip
+
+
 def text_game_thought(action: str) -> str:
     """A short deterministic thought for a text-game command, keyed on its verb."""
-    words = action.split()
-    verb, rest = (words[0].lower(), " ".join(words[1:])) if words else ("", "")
-    if action == "look around":
-        return "I look around to see where I am and what is here."
-    if action in ("inventory", "task"):
-        return f"I check my {action} before going on."
-    if verb == "take":
-        return f"I need the {rest}, so I take it."
-    if verb == "put" and " in " in rest:
-        item, place = rest.split(" in ", 1)
-        return f"The {item} belongs in the {place}, so I put it there."
-    if verb == "open":
-        return f"The {rest} is closed, so I open it."
-    if verb == "close":
-        return f"I am done with the {rest}, so I close it."
-    if verb == "move":
-        return f"What I need is elsewhere, so I move {rest}."
-    if verb == "read":
-        return f"The {rest} may tell me what to do, so I read it."
-    if verb in _CUT:
-        return f"The recipe needs the {rest} {_CUT[verb]}, so I {verb} it."
-    if verb == "cook":
-        return f"The recipe says to cook it this way, so I {action}."
-    if verb in ("prepare", "eat"):
-        return f"Everything is ready, so I {action}."
-    return f"Next, I {action}."
+    return command_thought(action, _WHOLE_COMMANDS, _VERBS)
