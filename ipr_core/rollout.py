@@ -1,10 +1,12 @@
 """The lock-step episode runner shared by expert MC, exploration, agent MC and eval.
 
-Generation dominates IPR's cost, and a model answers 32 conversations in about
-the time it answers one, so episodes advance together: each turn gathers the
-context of every live episode, makes ONE batched ``policy.generate`` call,
-then steps every environment (on a thread pool for slow, JVM-backed ones).
-Finished episodes free their slot for the next spec. A policy with several
+Generation dominates IPR's cost, and a model answers a batch of conversations
+in little more than the time it answers one (bench/rollouts.py measures it),
+so episodes advance together: each turn gathers the context of every live
+episode, makes ONE batched ``policy.generate`` call, then steps every
+environment (on a thread pool for slow, JVM-backed ones). Finished episodes
+free their slot for the next spec. ``_LockStep`` holds a run's state and names
+these phases: fill, generate, collect, step-and-retire. A policy with several
 lanes (``ReplicatedPolicy``: one per replica process or GPU) gets one cohort
 of the slots per lane instead: each cohort's turn goes to its own replica and
 the cohort steps on as soon as that replica answers, so no turn waits for the
@@ -12,7 +14,7 @@ slowest replica's longest reply.
 
 Semantics (``run_sequential`` is the one-at-a-time reference with the same ones):
 - An episode starts from ``spec.prefix``: reset the task, replay the prefix
-  actions (IPR.md "restoring an environment to a prefix"), keep the prefix's
+  actions (docs/algorithm.md, restoring an environment to a prefix), keep the prefix's
   thoughts, take the observations and rewards the replay produces. If the
   episode ends during the replay it is finished with no agent step.
 - Turn seeds are ``derive_seed(spec.seed, turn)``, so a trajectory depends on
@@ -40,7 +42,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 from ipr_core.conversation import render_context
 from ipr_core.envs.base import Environment, StepResult
@@ -202,10 +204,16 @@ def _generate(policy: Policy, convs: list, sampling: SamplingParams, seeds: list
     out: list[str] = []
     for i in range(0, len(convs), step):
         texts = policy.generate(convs[i : i + step], sampling, seeds[i : i + step])
-        if len(texts) != len(convs[i : i + step]):
-            raise RuntimeError(f"policy returned {len(texts)} texts for {len(convs[i : i + step])} conversations")
+        _expect_texts(texts, len(convs[i : i + step]))
         out.extend(texts)
     return out
+
+
+def _expect_texts(texts: list[str], n: int) -> None:
+    # A policy that drops or adds a reply would silently shift every later
+    # reply onto the wrong episode.
+    if len(texts) != n:
+        raise RuntimeError(f"policy returned {len(texts)} texts for {n} conversations")
 
 
 class _OneLane:
@@ -239,6 +247,206 @@ def _lanes(policy: Policy, n_slots: int, batch_size: int | None):
 
 
 # --- the lock-step runner ------------------------------------------------------------------
+
+_Row = tuple[int, _Episode]  # (slot, the episode in it)
+_T = TypeVar("_T")
+
+
+class _Move(NamedTuple):
+    """A well-formed reply's action, waiting for its environment to step."""
+
+    slot: int
+    episode: _Episode
+    thought: str
+    action: str
+
+
+@dataclass
+class _Tally:
+    """The run's counters, turned into ``RolloutStats`` at the end."""
+
+    turns: int = 0
+    generated: int = 0
+    malformed: int = 0
+    retries: int = 0
+    errors: int = 0
+    mismatches: int = 0
+    generate_s: float = 0.0
+    env_s: float = 0.0
+
+
+class _LockStep:
+    """One ``run_episodes`` call: slots of live episodes advanced by phases.
+
+    Each round of ``run`` is: ``fill`` (admit queued episodes into free slots),
+    ``generate`` (one batched call per idle lane, then the first lane's answer),
+    ``collect`` (parse the replies) and ``step_and_retire`` (step the
+    environments, finish episodes, free their slots). ``close`` must follow.
+    """
+
+    def __init__(
+        self,
+        make_env: Callable[[], Environment],
+        policy: Policy,
+        specs: list[EpisodeSpec],
+        sampling: SamplingParams,
+        *,
+        history: int | None,
+        max_steps: int | None,
+        workers: int,
+        progress: str | None,
+        batch_size: int | None,
+        n_slots: int,
+    ):
+        self.make_env, self.sampling, self.history, self.n_slots = make_env, sampling, history, n_slots
+        self.envs: list[Environment | None] = [None] * n_slots
+        self.envs[0] = make_env()  # outside the error isolation: a broken factory fails loudly
+        self.limit = max_steps or self.envs[0].max_steps
+        self.results: list[Trajectory | None] = [None] * len(specs)
+        self.queue: deque[_Episode] = deque(_Episode(i, s) for i, s in enumerate(specs))
+        self.active: dict[int, _Episode] = {}  # slot -> episode
+        self.tally = _Tally()
+        self.bar = _progress_bar(progress, len(specs))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ipr-env") if workers > 1 else None
+        self.lanes, self.n_lanes = _lanes(policy, n_slots, batch_size)
+        self.in_flight: dict[int, list[_Row]] = {}  # lane -> the rows it is answering
+
+    def run(self) -> None:
+        while self.queue or self.active:
+            self.fill()
+            if not self.active:
+                continue
+            live, texts = self.generate()
+            self.step_and_retire(live, self.collect(live, texts))
+
+    # --- the phases ---
+
+    def fill(self) -> None:
+        """Admit queued episodes into free slots (resets and replays in parallel)."""
+        # A loop: an episode may end during its replay and free its slot again.
+        while self.queue and len(self.active) < self.n_slots:
+            free = [s for s in range(self.n_slots) if s not in self.active]
+            batch = [(slot, self.queue.popleft()) for slot in free[: len(self.queue)]]
+            self.active.update(batch)
+            for (slot, ep), exc in zip(batch, self._in_slots(self._start, batch)):
+                if exc is not None:
+                    self._fail(slot, ep, exc)
+                elif ep.finished:
+                    self._finish(slot, ep)
+
+    def generate(self) -> tuple[list[_Row], list[str]]:
+        """Submit every idle lane's cohort, then wait for the first lane to answer."""
+        self._submit_idle_lanes()
+        t0 = time.perf_counter()
+        lane, texts = self.lanes.collect()
+        self.tally.generate_s += time.perf_counter() - t0
+        live = self.in_flight.pop(lane)
+        _expect_texts(texts, len(live))
+        self.tally.turns += 1
+        self.tally.generated += len(texts)
+        return live, texts
+
+    def collect(self, live: list[_Row], texts: list[str]) -> list[_Move]:
+        """Parse each reply: a malformed one is recorded now (it takes no
+        environment step); the others come back as moves to step."""
+        moves: list[_Move] = []
+        for (slot, ep), text in zip(live, texts):
+            parsed = ep.reply(text)
+            if parsed is None:
+                self.tally.malformed += 1
+            else:
+                moves.append(_Move(slot, ep, *parsed))
+        return moves
+
+    def step_and_retire(self, live: list[_Row], moves: list[_Move]) -> None:
+        """Step the moves' environments, then finish (or retry) the episodes that ended."""
+        excs = self._in_slots(self._step, moves)
+        failed = {m.slot: exc for m, exc in zip(moves, excs) if exc is not None}
+        for slot, ep in live:
+            if slot in failed:
+                self._fail(slot, ep, failed[slot])
+                continue
+            ep.check_limit(self.limit)
+            if ep.finished:
+                self._finish(slot, ep)
+
+    # --- helpers of the phases ---
+
+    def _submit_idle_lanes(self) -> None:
+        # A lane still answering its cohort keeps it: the cohort's episodes wait
+        # for that answer rather than being asked twice.
+        by_lane: dict[int, list[_Row]] = {}
+        for slot, ep in sorted(self.active.items()):
+            by_lane.setdefault(slot * self.n_lanes // self.n_slots, []).append((slot, ep))
+        for lane, cohort in by_lane.items():
+            if lane in self.in_flight:
+                continue
+            convs = [render_context(ep.system, ep.instruction, ep.steps, self.history) for _, ep in cohort]
+            self.lanes.submit(lane, convs, self.sampling, [turn_seed(ep.spec, ep.turn) for _, ep in cohort])
+            self.in_flight[lane] = cohort
+
+    def _in_slots(self, fn: Callable[[_T], None], items: Sequence[_T]) -> list[BaseException | None]:
+        """fn(item) for each item (on the pool), returning exceptions; counted as environment time."""
+        t0 = time.perf_counter()
+
+        def guarded(item: _T) -> BaseException | None:
+            return _guard(lambda: fn(item))
+
+        excs = list(self.pool.map(guarded, items)) if self.pool else [guarded(it) for it in items]
+        self.tally.env_s += time.perf_counter() - t0
+        return excs
+
+    def _start(self, row: _Row) -> None:
+        slot, ep = row
+        if self.envs[slot] is None:
+            self.envs[slot] = self.make_env()
+        ep.start(self.envs[slot], self.limit)
+
+    def _step(self, move: _Move) -> None:
+        env = self.envs[move.slot]
+        assert env is not None  # a slot's env is rebuilt by _start before its episode moves
+        move.episode.record(move.thought, move.action, env.step(move.action))
+
+    def _finish(self, slot: int, ep: _Episode, error: str | None = None) -> None:
+        self.results[ep.index] = ep.trajectory(error)
+        self.tally.errors += error is not None
+        self.tally.mismatches += ep.mismatches
+        self.active.pop(slot, None)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _fail(self, slot: int, ep: _Episode, exc: BaseException) -> None:
+        _close_quietly(self.envs[slot])
+        self.envs[slot] = None  # rebuilt lazily (in the pool) by the next start
+        if ep.attempt == 1:
+            self.tally.retries += 1
+            log.warning("episode %s: environment failed (%s); retrying from scratch", ep.spec.key, _error_text(exc))
+            self.active.pop(slot, None)
+            # At the front: the retry takes the next free slot, not the end of the queue.
+            self.queue.appendleft(_Episode(ep.index, ep.spec, attempt=2))
+        else:
+            log.warning("episode %s: environment failed again (%s); recorded as an error", ep.spec.key, _error_text(exc))
+            self._finish(slot, ep, _error_text(exc))
+
+    # --- the end ---
+
+    def close(self) -> None:
+        if self.in_flight:  # stopped by an error: the other lanes' replies must not reach a later call
+            self.lanes.drain()
+        if self.pool:
+            self.pool.shutdown(wait=True)
+        for env in self.envs:
+            _close_quietly(env)
+        if self.bar is not None:
+            self.bar.close()
+
+    def stats(self, wall_s: float) -> RolloutStats:
+        t = self.tally
+        return RolloutStats(len(self.results), t.errors, t.retries, t.turns, t.generated, t.malformed, wall_s, t.generate_s, t.env_s, t.mismatches)
+
+    def trajectories(self) -> list[Trajectory]:
+        assert all(r is not None for r in self.results)
+        return self.results  # type: ignore[return-value]
 
 
 def run_episodes(
@@ -275,141 +483,19 @@ def run_episodes(
         return []
     n_slots = max(1, min(len(specs), concurrency or batch_size or 32))
     t_start = time.perf_counter()
-    gen_s = env_s = 0.0
-    turns = generated = malformed = retries = errors = mismatches = 0
-
-    envs: list[Environment | None] = [None] * n_slots
-    envs[0] = make_env()  # outside the error isolation: a broken factory fails loudly
-    limit = max_steps or envs[0].max_steps
-    results: list[Trajectory | None] = [None] * len(specs)
-    queue: deque[_Episode] = deque(_Episode(i, s) for i, s in enumerate(specs))
-    active: dict[int, _Episode] = {}  # slot -> episode
-    bar = _progress_bar(progress, len(specs))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ipr-env") if workers > 1 else None
-    lanes, n_lanes = _lanes(policy, n_slots, batch_size)
-    in_flight: dict[int, list[tuple[int, _Episode]]] = {}  # lane -> the (slot, episode) rows it is answering
-
-    def run_in_slots(fn, items: list[tuple[int, _Episode]]) -> list[BaseException | None]:
-        """Apply fn(slot, episode) to each item (on the pool), returning exceptions."""
-
-        def guarded(item: tuple[int, _Episode]) -> BaseException | None:
-            return _guard(lambda: fn(*item))
-
-        return list(pool.map(guarded, items)) if pool else [guarded(it) for it in items]
-
-    def start(slot: int, ep: _Episode) -> None:
-        if envs[slot] is None:
-            envs[slot] = make_env()
-        ep.start(envs[slot], limit)
-
-    def finish(slot: int, ep: _Episode, error: str | None = None) -> None:
-        nonlocal errors, mismatches
-        results[ep.index] = ep.trajectory(error)
-        errors += error is not None
-        mismatches += ep.mismatches
-        active.pop(slot, None)
-        if bar is not None:
-            bar.update(1)
-
-    def fail(slot: int, ep: _Episode, exc: BaseException) -> None:
-        nonlocal retries
-        _close_quietly(envs[slot])
-        envs[slot] = None  # rebuilt lazily (in the pool) by the next start
-        if ep.attempt == 1:
-            retries += 1
-            log.warning("episode %s: environment failed (%s); retrying from scratch", ep.spec.key, _error_text(exc))
-            active.pop(slot, None)
-            queue.appendleft(_Episode(ep.index, ep.spec, attempt=2))
-        else:
-            log.warning("episode %s: environment failed again (%s); recorded as an error", ep.spec.key, _error_text(exc))
-            finish(slot, ep, _error_text(exc))
-
+    run = _LockStep(make_env, policy, specs, sampling, history=history, max_steps=max_steps, workers=workers, progress=progress, batch_size=batch_size, n_slots=n_slots)
     try:
-        while queue or active:
-            # 1. Fill free slots (resets + replays in parallel); loop because an
-            # episode may end during its replay and free the slot again.
-            while queue and len(active) < n_slots:
-                free = [s for s in range(n_slots) if s not in active]
-                batch = [(slot, queue.popleft()) for slot in free[: len(queue)]]
-                active.update(batch)
-                t0 = time.perf_counter()
-                excs = run_in_slots(start, batch)
-                env_s += time.perf_counter() - t0
-                for (slot, ep), exc in zip(batch, excs):
-                    if exc is not None:
-                        fail(slot, ep, exc)
-                    elif ep.finished:
-                        finish(slot, ep)
-            if not active:
-                continue
-
-            # 2. One batched generate call over every live episode of each idle
-            # lane's cohort (one lane: every live episode); then the first lane
-            # to answer.
-            by_lane: dict[int, list[tuple[int, _Episode]]] = {}
-            for slot, ep in sorted(active.items()):
-                by_lane.setdefault(slot * n_lanes // n_slots, []).append((slot, ep))
-            for lane, cohort in by_lane.items():
-                if lane in in_flight:
-                    continue
-                convs = [render_context(ep.system, ep.instruction, ep.steps, history) for _, ep in cohort]
-                lanes.submit(lane, convs, sampling, [turn_seed(ep.spec, ep.turn) for _, ep in cohort])
-                in_flight[lane] = cohort
-            t0 = time.perf_counter()
-            lane, texts = lanes.collect()
-            gen_s += time.perf_counter() - t0
-            live = in_flight.pop(lane)
-            if len(texts) != len(live):
-                raise RuntimeError(f"policy returned {len(texts)} texts for {len(live)} conversations")
-            turns += 1
-            generated += len(texts)
-
-            # 3. Parse; step the environments of well-formed replies.
-            to_step: list[tuple[int, _Episode]] = []
-            actions: dict[int, tuple[str, str]] = {}
-            for (slot, ep), text in zip(live, texts):
-                parsed = ep.reply(text)
-                if parsed is None:
-                    malformed += 1
-                else:
-                    actions[slot] = parsed
-                    to_step.append((slot, ep))
-
-            def do_step(slot: int, ep: _Episode) -> None:
-                thought, action = actions[slot]
-                ep.record(thought, action, envs[slot].step(action))
-
-            t0 = time.perf_counter()
-            excs = run_in_slots(do_step, to_step)
-            env_s += time.perf_counter() - t0
-            failed = {slot: exc for (slot, _), exc in zip(to_step, excs) if exc is not None}
-
-            # 4. Retire finished episodes.
-            for slot, ep in live:
-                if slot in failed:
-                    fail(slot, ep, failed[slot])
-                    continue
-                ep.check_limit(limit)
-                if ep.finished:
-                    finish(slot, ep)
+        run.run()
     finally:
-        if in_flight:  # stopped by an error: the other lanes' replies must not reach a later call
-            lanes.drain()
-        if pool:
-            pool.shutdown(wait=True)
-        for env in envs:
-            _close_quietly(env)
-        if bar is not None:
-            bar.close()
+        run.close()
 
-    stats = RolloutStats(len(specs), errors, retries, turns, generated, malformed, time.perf_counter() - t_start, gen_s, env_s, mismatches)
+    stats = run.stats(time.perf_counter() - t_start)
     log.info("rollouts%s: %s", f" ({progress})" if progress else "", stats.summary())
     if on_stats is not None:
         on_stats(stats)
-    if mismatches:
-        log.warning("%d replayed prefix observations differ from the recorded ones: the environment may not replay exactly", mismatches)
-    assert all(r is not None for r in results)
-    return results  # type: ignore[return-value]
+    if stats.replay_mismatches:
+        log.warning("%d replayed prefix observations differ from the recorded ones: the environment may not replay exactly", stats.replay_mismatches)
+    return run.trajectories()
 
 
 def run_sequential(

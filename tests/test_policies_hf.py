@@ -135,6 +135,29 @@ def test_dropping_finished_rows_moves_only_the_tail_rows(loaded):
         assert a.keys.shape == (4, shape[1], 6, shape[3]) and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+def test_reserved_layer_appends_like_a_dynamic_layer(loaded):
+    """``kv_cache.reserved_cache``: updates past the reserved room grow the
+    buffers, and the layer holds what a plain ``DynamicLayer`` holds."""
+    from transformers import DynamicCache
+
+    from ipr_core.policies.kv_cache import reserved_cache
+
+    model, _ = loaded
+    g = torch.Generator().manual_seed(1)
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    plain, reserved = DynamicCache(config=model.config), reserved_cache(DynamicCache(config=model.config), 2)
+    assert {type(layer).__name__ for layer in reserved.layers} == {"ReservedLayer"}
+    for length in (4, 1, 1, 1, 5):  # the third one-token update outruns the room
+        kv = [(torch.randn((3, heads, length, dim), generator=g), torch.randn((3, heads, length, dim), generator=g)) for _ in plain.layers]
+        for cache in (plain, reserved):
+            for layer, (k, v) in zip(cache.layers, kv):
+                layer.update(k, v)
+    for a, b in zip(plain.layers, reserved.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    with pytest.raises(NotImplementedError):
+        reserved.layers[0].crop(-1)
+
+
 def _next_turns(policy, convs, texts):
     """Each conversation continued by its reply and an observation: the next turn's prompt."""
     return [c + [{"role": "assistant", "content": t}, {"role": "user", "content": f"Observation: you are at {i}."}] for i, (c, t) in enumerate(zip(convs, texts))]
@@ -214,7 +237,7 @@ def test_policy_protocol_dtype_device_and_tokenizer(model_dir):
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert next(p.model.parameters()).dtype == resolve_dtype("auto", resolve_device("auto"))
-    assert type(p.tokenizer) is PreTrainedTokenizerFast  # DESIGN.md gotcha: not reloaded as Qwen2's tokenizer
+    assert type(p.tokenizer) is PreTrainedTokenizerFast  # docs/models.md tokenizer gotcha: not reloaded as Qwen2's tokenizer
     with pytest.raises(ValueError, match="seeds"):
         p.generate(conversations(2), GREEDY, [0])
     assert p.generate([], GREEDY, []) == []

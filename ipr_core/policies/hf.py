@@ -3,7 +3,7 @@
 Most of IPR's cost is generation (expert MC, exploration, agent MC, eval), so
 this backend does what ``model.generate`` does not do for us:
 
-- Shared prefixes (DESIGN.md): MC asks for N rollouts from the same state, i.e.
+- Shared prefixes (docs/models.md, prefix-cache notes): MC asks for N rollouts from the same state, i.e.
   N identical conversations in one call. ``generate(num_return_sequences=N)``
   would prefill that prompt N times; here each distinct prompt is prefilled
   once into a ``DynamicCache`` whose rows are then repeated
@@ -21,7 +21,8 @@ this backend does what ``model.generate`` does not do for us:
   conversation and seed, not on what else is in the batch.
 - A manual decode loop that drops finished rows from the cache, so a batch's
   cost follows its live rows rather than its longest answer, and appends to
-  reserved KV room instead of re-concatenating the cache every token.
+  reserved KV room instead of re-concatenating the cache every token (the
+  KV buffers are managed in ``kv_cache.py``).
 
 Batch independence is exact in the sampling; the logits themselves can differ
 in the last bits between batch shapes (GEMM blocking, padding). In fp32 that
@@ -44,6 +45,7 @@ from typing import Any, Sequence
 
 from ipr_core.config import SamplingConfig
 from ipr_core.policies.base import PolicyError, SamplingParams
+from ipr_core.policies.kv_cache import drop_rows, load_heads, merge_prefills, plain_layers, reserved_cache
 from ipr_core.policies.prefix_cache import BLOCK, PrefixCache
 from ipr_core.policies.segment_tokens import SegmentEncoder
 from ipr_core.policies.tiny import IM_END, load_tokenizer
@@ -56,6 +58,9 @@ DEFAULT_PREFIX_CACHE_MB: float = SamplingConfig.model_fields["prefix_cache_mb"].
 
 PREFILL_OVERHEAD_TOKENS = 64  # fixed cost of one more forward, in tokens of prefill compute (CPU, tiny model)
 MIN_SHARED_HEAD = BLOCK  # tokens; below this a separate head prefill costs more than it saves
+
+# The KV helpers' former names, now in kv_cache.py.
+_reserved_cache, _drop_rows, _merge = reserved_cache, drop_rows, merge_prefills
 
 
 @dataclass
@@ -110,7 +115,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", t
     """(model, tokenizer) from a local checkpoint folder, in eval mode on ``device``.
 
     The tokenizer goes through ``tiny.load_tokenizer`` so locally trained BPEs
-    reload as themselves (DESIGN.md tokenizer gotcha).
+    reload as themselves (docs/models.md, tokenizer gotchas).
     """
     from ipr_core.policies.tiny import load_causal_lm
 
@@ -133,6 +138,19 @@ def _stop_ids(tokenizer, model) -> frozenset[int]:
     if not ids:
         raise ValueError("the tokenizer declares no eos token and has no <|im_end|>: cannot tell where a turn ends")
     return frozenset(ids)
+
+
+@dataclass
+class _DecodeBatch:
+    """A chunk after prefill: one row per request, updated by the decode loop."""
+
+    cache: Any  # the decode KV cache (rows in batch-position order)
+    mask: Any  # (positions, columns): 1 for real tokens, 0 for pads
+    next_pos: Any  # per position: the position id of its next token
+    logits: Any  # per position: the logits of its next token
+    prompts: list[list[int]]  # per unit: its prompt ids
+    row_unit: list[int]  # per row: its unit
+    row_req: list[int]  # per row: its request
 
 
 class TransformersPolicy:
@@ -164,7 +182,6 @@ class TransformersPolicy:
 
     def _setup(self, model, tokenizer, batch_size: int, prefix_sharing: bool, prefix_cache_mb: float) -> None:
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -182,10 +199,7 @@ class TransformersPolicy:
         # transformers >= 5.2x names the KV cache argument ``cache``; earlier ``past_key_values``.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_logits = "logits_to_keep" in params
-        # KV can be kept and spliced only for plain full-attention layers
-        # (sliding-window or linear-attention layers do not hold every token).
-        layers = getattr(DynamicCache(config=model.config), "layers", None)
-        self._kv_reusable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        self._kv_reusable = plain_layers(getattr(DynamicCache(config=model.config), "layers", None))
         keep = self._kv_reusable and prefix_cache_mb > 0
         self._prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if keep else None
         self._weights_version = sum(p._version for p in model.parameters())
@@ -290,21 +304,8 @@ class TransformersPolicy:
 
         dev = self.device
         n = len(parts)
-        cache = _reserved_cache(DynamicCache(config=self.model.config), room)
-        width_c = max(c for _, c, _ in parts)
-        cached_mask = torch.zeros((n, width_c), dtype=torch.long)
-        if width_c:
-            ref = next(e for _, c, e in parts if c)
-            for i, (k0, v0) in enumerate(ref.kv):
-                keys = k0.new_zeros((n, k0.shape[0], width_c, k0.shape[-1]))
-                values = v0.new_zeros((n, v0.shape[0], width_c, v0.shape[-1]))
-                for u, (_, c, e) in enumerate(parts):
-                    if c:
-                        keys[u, :, width_c - c :] = e.kv[i][0][:, :c]
-                        values[u, :, width_c - c :] = e.kv[i][1][:, :c]
-                cache.layers[i].update(keys, values)
-            for u, (_, c, _) in enumerate(parts):
-                cached_mask[u, width_c - c :] = 1
+        cache = reserved_cache(DynamicCache(config=self.model.config), room)
+        cached_mask = load_heads(cache, [(c, e) for _, c, e in parts])
         tails = [ids[c:] for ids, c, _ in parts]
         width = max(len(t) for t in tails)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -350,104 +351,152 @@ class TransformersPolicy:
         if self._prefix is not None:
             self._prefix.clear()
 
+    # --- one chunk: prefill, then decode --------------------------------------------
+
     def _generate_chunk(self, units: list[tuple[list[int], list[int]]], sampling: SamplingParams, seeds: Sequence[int]) -> dict[int, str]:
         import torch
-        from transformers import DynamicCache
 
         if self.model is None:
             raise PolicyError("generate() after close()")
         self._check_weights()
-        dev = self.device
         t0 = time.perf_counter()
-        room = sampling.max_new_tokens
-        # pc: where prefixes are looked up (within the call when no cache is
-        # kept across calls, budget 0); persist: where finished rows are kept.
-        pc = persist = None
-        if self.prefix_sharing and self._kv_reusable:
-            pc = persist = self._prefix
-            if pc is None:
-                pc = PrefixCache(1 << 62)
-        with torch.inference_mode(), _attention_backends(dev):
-            prompts = [ids for ids, _ in units]
-            # 1. What earlier calls computed: each prompt's longest cached prefix
-            # (at least one token left, whose logits start the reply).
-            hits = [self._lookup(pc, ids, len(ids) - 1) for ids in prompts]
-            # 2. The head every distinct prompt shares (the system prompt, the
-            # task...), where not cached yet: prefilled once as a single row and
-            # stored, so every prompt then finds it.
-            shared = self._shared_head(prompts) if pc is not None else 0
-            if shared and min(c for c, _ in hits) < shared:
-                head = prompts[0][:shared]
-                c, e = self._lookup(pc, head, shared)
-                if c < shared:
-                    cache, mask, _, _ = self._prefill([(head, c, e)], 0)
-                    self._store(pc, head, cache, mask, 0)
-                hits = [self._lookup(pc, ids, len(ids) - 1) if hit[0] < shared else hit for ids, hit in zip(prompts, hits)]
-            # 3. Every distinct prompt's uncached tail once, in groups of similar
-            # length (one long tail would pad every row to its length), merged
-            # into one cache for decoding.
-            parts = [(ids, c, e) for ids, (c, e) in zip(prompts, hits)]
-            groups = length_groups([len(ids) - c for ids, c, _ in parts])
-            if len(groups) == 1:
-                cache, mask, next_pos, logits = self._prefill(parts, room)
-            else:
-                order = [u for g in groups for u in g]
-                units, prompts = [units[u] for u in order], [prompts[u] for u in order]
-                empty = _reserved_cache(DynamicCache(config=self.model.config), room)
-                cache, mask, next_pos, logits = _merge([self._prefill([parts[u] for u in g], 0) for g in groups], empty)
-            self.stats.prefills += len(units)
-
-            # Repeat each unit's cache row once per request that shares it.
-            row_unit = [u for u, (_, reqs) in enumerate(units) for _ in reqs]
-            row_req = [r for _, reqs in units for r in reqs]
-            if len(row_unit) != len(units):
-                idx = torch.tensor(row_unit, device=dev)
-                cache.batch_select_indices(idx)
-                mask, logits, next_pos = mask[idx], logits[idx], next_pos[idx]
+        lookup, persist = self._prefix_stores()
+        with torch.inference_mode(), _attention_backends(self.device):
+            batch = self._prefill_chunk(units, lookup, sampling.max_new_tokens)
             t1 = time.perf_counter()
             self.stats.prefill_s += t1 - t0
-
-            # CPU generators: the same seed gives the same draws on any device.
-            gens = [torch.Generator().manual_seed(int(seeds[r]) % (1 << 63)) for r in row_req] if sampling.temperature > 0 else None
-            tokens: list[list[int]] = [[] for _ in row_req]
-            fed = [0] * len(row_req)  # generated tokens whose KV is in the cache
-
-            def store(rows: list[int]) -> None:  # batch positions of rows about to leave the cache
-                if persist is None:  # nothing kept across calls: no row sequences to build
-                    return
-                for j in rows:
-                    r = live[j]
-                    self._store(persist, prompts[row_unit[r]] + tokens[r][: fed[r]], cache, mask, j)
-
-            live = list(range(len(row_req)))  # batch position -> row
-            for t in range(sampling.max_new_tokens):
-                nxt = self._pick(logits, sampling, [gens[r] for r in live] if gens else None)
-                self.stats.generated_tokens += len(live)
-                keep = []
-                for j, tok in enumerate(nxt.tolist()):
-                    if tok in self.stop_ids:
-                        continue
-                    tokens[live[j]].append(tok)
-                    keep.append(j)
-                if not keep or t == sampling.max_new_tokens - 1:
-                    break
-                if len(keep) < len(live):
-                    # Drop finished rows so later steps cost only live rows.
-                    store(sorted(set(range(len(live))) - set(keep)))
-                    perm = _drop_rows(cache, keep, dev)
-                    kidx = torch.tensor(perm, device=dev)
-                    mask, next_pos, nxt = mask[kidx], next_pos[kidx], nxt[kidx]
-                    live = [live[j] for j in perm]
-                mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-                logits = self._forward(nxt[:, None], mask, next_pos[:, None], cache)
-                self.stats.decode_steps += 1
-                self.stats.decode_rows += len(live)
-                for r in live:
-                    fed[r] += 1
-                next_pos = next_pos + 1
-            store(list(range(len(live))))
+            tokens = self._decode(batch, sampling, seeds, persist)
             self.stats.decode_s += time.perf_counter() - t1
-        return {row_req[i]: self.tokenizer.decode(toks, skip_special_tokens=True) for i, toks in enumerate(tokens)}
+        return {req: self.tokenizer.decode(toks, skip_special_tokens=True) for req, toks in zip(batch.row_req, tokens)}
+
+    def _prefix_stores(self) -> tuple[PrefixCache | None, PrefixCache | None]:
+        """(lookup, persist): where prefixes are looked up and where finished rows are kept.
+
+        With no cache kept across calls (budget 0) the lookup store lives for
+        this call only, so identical heads within a batch are still shared.
+        """
+        if not (self.prefix_sharing and self._kv_reusable):
+            return None, None
+        persist = self._prefix
+        return (PrefixCache(1 << 62) if persist is None else persist), persist
+
+    # --- prefill ---
+
+    def _prefill_chunk(self, units: list[tuple[list[int], list[int]]], lookup: PrefixCache | None, room: int) -> _DecodeBatch:
+        """Every distinct prompt's uncached tail run through the model, then each
+        unit's row repeated once per request that shares it."""
+        prompts = [ids for ids, _ in units]
+        hits = self._cached_heads(lookup, prompts)
+        order, prefilled = self._prefill_tails([(ids, c, e) for ids, (c, e) in zip(prompts, hits)], room)
+        units, prompts = [units[u] for u in order], [prompts[u] for u in order]
+        self.stats.prefills += len(units)
+        return self._repeat_rows(units, prompts, *prefilled)
+
+    def _cached_heads(self, lookup: PrefixCache | None, prompts: list[list[int]]) -> list[tuple[int, Any]]:
+        """(n_cached, entry) per prompt: its longest cached prefix, leaving at
+        least one token, whose logits start the reply."""
+        hits = [self._lookup(lookup, ids, len(ids) - 1) for ids in prompts]
+        # The head every distinct prompt shares (the system prompt, the task...),
+        # where not cached yet: prefilled once as a single row and stored, so
+        # every prompt then finds it.
+        shared = self._shared_head(prompts) if lookup is not None else 0
+        if not shared or min(c for c, _ in hits) >= shared:
+            return hits
+        head = prompts[0][:shared]
+        c, e = self._lookup(lookup, head, shared)
+        if c < shared:
+            cache, mask, _, _ = self._prefill([(head, c, e)], 0)
+            self._store(lookup, head, cache, mask, 0)
+        return [self._lookup(lookup, ids, len(ids) - 1) if hit[0] < shared else hit for ids, hit in zip(prompts, hits)]
+
+    def _prefill_tails(self, parts: list[tuple[list[int], int, Any]], room: int) -> tuple[list[int], tuple]:
+        """(row order, (cache, mask, next_pos, logits)) of the parts' tails prefilled
+        in groups of similar length and merged into one decode cache."""
+        from transformers import DynamicCache
+
+        # One long tail would pad every row of a single forward to its length.
+        groups = length_groups([len(ids) - c for ids, c, _ in parts])
+        if len(groups) == 1:
+            return list(range(len(parts))), self._prefill(parts, room)
+        order = [u for g in groups for u in g]
+        empty = reserved_cache(DynamicCache(config=self.model.config), room)
+        return order, merge_prefills([self._prefill([parts[u] for u in g], 0) for g in groups], empty)
+
+    def _repeat_rows(self, units: list[tuple[list[int], list[int]]], prompts: list[list[int]], cache, mask, next_pos, logits) -> _DecodeBatch:
+        import torch
+
+        row_unit = [u for u, (_, reqs) in enumerate(units) for _ in reqs]
+        row_req = [r for _, reqs in units for r in reqs]
+        if len(row_unit) != len(units):
+            idx = torch.tensor(row_unit, device=self.device)
+            cache.batch_select_indices(idx)
+            mask, logits, next_pos = mask[idx], logits[idx], next_pos[idx]
+        return _DecodeBatch(cache, mask, next_pos, logits, prompts, row_unit, row_req)
+
+    # --- decode ---
+
+    def _decode(self, batch: _DecodeBatch, sampling: SamplingParams, seeds: Sequence[int], persist: PrefixCache | None) -> list[list[int]]:
+        """Sample every row's reply token by token; the tokens per row (stop token excluded)."""
+        import torch
+
+        # CPU generators: the same seed gives the same draws on any device.
+        gens = [torch.Generator().manual_seed(int(seeds[r]) % (1 << 63)) for r in batch.row_req] if sampling.temperature > 0 else None
+        tokens: list[list[int]] = [[] for _ in batch.row_req]
+        fed = [0] * len(batch.row_req)  # generated tokens whose KV is in the cache
+        live = list(range(len(batch.row_req)))  # batch position -> row
+
+        def store(positions: list[int]) -> None:  # batch positions of rows about to leave the cache
+            if persist is None:  # nothing kept across calls: no row sequences to build
+                return
+            for j in positions:
+                r = live[j]
+                self._store(persist, batch.prompts[batch.row_unit[r]] + tokens[r][: fed[r]], batch.cache, batch.mask, j)
+
+        for t in range(sampling.max_new_tokens):
+            nxt = self._pick(batch.logits, sampling, [gens[r] for r in live] if gens else None)
+            self.stats.generated_tokens += len(live)
+            keep = self._append_tokens(nxt.tolist(), live, tokens)
+            if not keep or t == sampling.max_new_tokens - 1:
+                break
+            if len(keep) < len(live):
+                # Drop finished rows so later steps cost only live rows.
+                store(sorted(set(range(len(live))) - set(keep)))
+                nxt, live = self._drop_finished(batch, keep, nxt, live)
+            self._decode_step(batch, nxt)
+            for r in live:
+                fed[r] += 1
+        store(list(range(len(live))))
+        return tokens
+
+    def _append_tokens(self, picked: list[int], live: list[int], tokens: list[list[int]]) -> list[int]:
+        """Append each live row's token; the batch positions still generating."""
+        keep = []
+        for j, tok in enumerate(picked):
+            if tok in self.stop_ids:
+                continue
+            tokens[live[j]].append(tok)
+            keep.append(j)
+        return keep
+
+    def _drop_finished(self, batch: _DecodeBatch, keep: list[int], nxt, live: list[int]):
+        """Shrink the batch to the positions ``keep``; (their next tokens, their rows)."""
+        import torch
+
+        perm = drop_rows(batch.cache, keep, self.device)
+        kidx = torch.tensor(perm, device=self.device)
+        batch.mask, batch.next_pos = batch.mask[kidx], batch.next_pos[kidx]
+        return nxt[kidx], [live[j] for j in perm]
+
+    def _decode_step(self, batch: _DecodeBatch, nxt) -> None:
+        """Feed each live row its new token: the next logits, one more column."""
+        import torch
+
+        rows = len(nxt)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((rows, 1))], dim=1)
+        batch.logits = self._forward(nxt[:, None], batch.mask, batch.next_pos[:, None], batch.cache)
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += rows
+        batch.next_pos = batch.next_pos + 1
 
     @staticmethod
     def _pick(logits, sampling: SamplingParams, gens):
@@ -504,60 +553,13 @@ def length_groups(lengths: Sequence[int], overhead: int | None = None, max_group
     return groups[::-1]
 
 
-def _merge(prefilled: list, cache):
-    """One decode cache from several prefills' (cache, mask, next_pos, logits):
-    each left-padded to the longest (pads masked) and stacked along the batch,
-    written into ``cache`` (empty, with reserved room)."""
-    import torch
-    import torch.nn.functional as F
-
-    width = max(m.shape[1] for _, m, _, _ in prefilled)
-
-    def stacked(i: int, attr: str):
-        return torch.cat([F.pad(getattr(c.layers[i], attr), (0, 0, width - m.shape[1], 0)) for c, m, _, _ in prefilled])
-
-    for i, layer in enumerate(cache.layers):
-        layer.update(stacked(i, "keys"), stacked(i, "values"))
-    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m, _, _ in prefilled])
-    return cache, mask, torch.cat([p for _, _, p, _ in prefilled]), torch.cat([lg for _, _, _, lg in prefilled])
-
-
-def _drop_rows(cache, keep: list[int], device) -> list[int]:
-    """Shrink the decode cache to the rows ``keep`` (batch positions); the new
-    order as old positions.
-
-    ``batch_select_indices`` copies every kept row (the whole KV buffer) each
-    time a reply ends: ~0.3 s of a benchmark run. Here the kept
-    rows beyond the new size move into the holes the finished ones leave
-    below it and the buffers are cut there: only moved rows are copied. The
-    row order changes, which nothing depends on (rows are independent).
-    """
-    import torch
-
-    n = len(keep)
-    kept = set(keep)
-    holes = [j for j in range(n) if j not in kept]
-    movers = [j for j in keep if j >= n]
-    perm = list(range(n))
-    for hole, src in zip(holes, movers):
-        perm[hole] = src
-    layers = getattr(cache, "layers", None) or []
-    if layers and all(hasattr(layer, "move_rows") for layer in layers):
-        src, dst = torch.tensor(movers, dtype=torch.long, device=device), torch.tensor(holes, dtype=torch.long, device=device)
-        for layer in layers:
-            layer.move_rows(src, dst, n)
-    else:
-        cache.batch_select_indices(torch.tensor(perm, dtype=torch.long, device=device))
-    return perm
-
-
 def _attention_backends(device):
     """Keep SDPA off cuDNN attention on CUDA.
 
     cuDNN builds an execution plan per new shape, and decoding makes a new
-    shape (KV length) at every step: measured on an H100, 93-152 ms per decode
-    step cold vs 4-7 ms with the plans cached. Flash / memory-efficient
-    attention need no plans.
+    shape (KV length) at every step: a cold decode step then costs many times
+    a cached one (measured by bench/rollouts.py on a GPU). Flash /
+    memory-efficient attention need no plans.
     """
     if device.type != "cuda":
         return contextlib.nullcontext()
@@ -566,62 +568,3 @@ def _attention_backends(device):
     except ImportError:  # older torch: nothing to steer
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def _reserved_cache(cache, room: int):
-    """Swap the cache's plain layers for ones that append into reserved room.
-
-    ``DynamicLayer.update`` concatenates the whole cache for every new token:
-    O(length) copying per step, a quarter of CPU decode time here. Reserving
-    ``room`` slots at prefill makes each decode step a slice write. Layers of
-    other kinds (sliding window, linear attention) are left as they are.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class ReservedLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-                self._n = 0
-                self._kv = None
-            n = self._n + key_states.shape[-2]
-            if self._kv is None or n > self._kv[0].shape[-2]:
-                grown = []
-                for old, new in zip(self._kv or (None, None), (key_states, value_states)):
-                    buf = new.new_empty(*new.shape[:-2], n + room, new.shape[-1])
-                    if old is not None:
-                        buf[..., : self._n, :] = old[..., : self._n, :]
-                    grown.append(buf)
-                self._kv = tuple(grown)
-            self._kv[0][..., self._n : n, :] = key_states
-            self._kv[1][..., self._n : n, :] = value_states
-            self._n = n
-            self._set_kv(self._kv)
-            return self.keys, self.values
-
-        def _set_kv(self, kv) -> None:
-            """New buffers; ``keys``/``values`` are their first ``_n`` columns."""
-            self._kv = kv
-            self.keys, self.values = kv[0][..., : self._n, :], kv[1][..., : self._n, :]
-
-        def batch_select_indices(self, indices) -> None:
-            if self.is_initialized and self._kv is not None:
-                self._set_kv((self._kv[0][indices, ...], self._kv[1][indices, ...]))
-
-        def move_rows(self, src, dst, n: int) -> None:
-            """Rows ``src`` to positions ``dst``, then keep the first ``n`` (``_drop_rows``)."""
-            if self.is_initialized and self._kv is not None:
-                if len(src):
-                    for buf in self._kv:
-                        buf[dst] = buf[src]
-                self._set_kv((self._kv[0][:n], self._kv[1][:n]))
-
-        def _unsupported(self, *args, **kwargs):
-            raise NotImplementedError("ReservedLayer supports update, batch_select_indices and move_rows only (the decode loop's needs)")
-
-        crop = reorder_cache = batch_repeat_interleave = _unsupported
-
-    layers = getattr(cache, "layers", None)
-    if isinstance(layers, list) and layers and all(type(layer) is DynamicLayer for layer in layers):
-        cache.layers = [ReservedLayer() for _ in layers]
-    return cache
