@@ -1,7 +1,7 @@
 """Prefect's overhead on the IPR pipeline: the same stages with and without Prefect.
 
 1. direct: the same ipr_core stages called in one process, in the pipeline's order
-   (ipr_core.stages, no Prefect), on root A;
+   (ipr_core.pipeline.run_local, no Prefect), on root A;
 2. prefect: the Prefect pipeline (ephemeral API unless PREFECT_API_URL is set), on root B;
 3. resume: the Prefect pipeline again on root B (everything cached).
 Prints wall times and the ratio prefect/direct (goal <= 1.15) and the resume
@@ -44,7 +44,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a fresh API's migrations, on a busy machine
 
-from ipr_core import stages as S  # noqa: E402
+from ipr_core.pipeline import run_local  # noqa: E402
 from ipr_core.config import load_config  # noqa: E402
 
 MARK = "BENCH-RESULT "
@@ -57,23 +57,7 @@ BENCH = [
 
 
 def direct(cfg) -> None:
-    p = S.RunPaths.of(cfg)
-    experts = S.collect_experts(cfg, p.experts("train"))
-    tasks = S.eval_task_list(cfg, p.eval_tasks())
-    base = S.build_base_model(cfg, experts, p.base_model())
-    S.evaluate(cfg, base, tasks, "base", -1, p.eval("base"))
-    sft = S.sft(cfg, base, experts, p.sft_model())
-    S.evaluate(cfg, sft, tasks, "sft", 0, p.eval("sft"))
-    n = S.n_shards(cfg, len(S.ipr_experts(cfg, S.read_trajectories(experts))))
-    rewards = S.expert_step_rewards(cfg, experts, [S.expert_mc_shard(cfg, sft, experts, s, p.expert_mc(s)) for s in range(n)], p.expert_rewards())
-    policy = sft
-    for k in range(1, cfg.pipeline.iterations + 1):
-        br = [S.explore_shard(cfg, policy, experts, k, s, p.explore(k, s)) for s in range(n)]
-        mc = [S.agent_mc_shard(cfg, sft, b, p.agent_mc(k, s)) for s, b in enumerate(br)]
-        ar = S.agent_step_rewards(cfg, br, mc, p.agent_rewards(k))
-        pairs = S.build_pairs(cfg, experts, br, rewards, ar, k, p.pairs(k))
-        policy = S.train_iteration(cfg, policy, sft, pairs, experts, k, p.model(k))
-        S.evaluate(cfg, policy, tasks, f"iter-{k:02d}", k, p.eval(f"iter-{k:02d}"))
+    run_local(cfg)
 
 
 def warm_imports(cfg) -> None:

@@ -18,7 +18,7 @@ DPO, no SFT term. Each trainer runs in its own fresh process, alternating,
   the call where the kernel allows) over its RSS before the call; CUDA -
   torch.cuda.max_memory_allocated.
 TRL on CPU: bf16=False, gradient_checkpointing=False, use_cpu=True,
-report_to=[], precompute_ref_log_probs=True (DESIGN.md: its defaults break on CPU).
+report_to=[], precompute_ref_log_probs=True (docs/models.md: its defaults break on CPU).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""The IPR pipeline as Prefect flows.
+"""The IPR pipeline as Prefect flows, submitting the DAG of ipr_core.pipeline.dag.
 
 ``ipr_pipeline`` (parent): experts -> base model -> SFT -> expert MC (once,
 sharded) -> for k in 1..K the ``ipr_iteration`` subflow (explore -> agent MC ->
 pairs -> train -> evaluate) -> best iteration by held-out reward -> report.
 
-Every stage is a cached task whose output is a URI (tasks/common.py): rerunning
-a failed or finished run with the same config recomputes only what is missing.
+Every stage is a task derived from its declaration (tasks/stages.py) whose
+output is a URI: rerunning a failed or finished run with the same config
+recomputes only what is missing or whose identity changed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
@@ -24,25 +25,12 @@ from prefect.runtime import flow_run
 from ipr_core import report as rep
 from ipr_core import store
 from ipr_core.config import IPRConfig, config_from_json
-from ipr_core.stages import RunPaths, ipr_experts, n_shards, read_trajectories
-from tasks import stages as T
-from tasks.common import configure, result_storage, stage_cfg
+from ipr_core.pipeline import check, dag, run_uri, save_config
+from ipr_core.pipeline.summary import model_row
+from tasks.common import configure, result_storage
+from tasks.stages import TASKS
 
 log = logging.getLogger("ipr_flow")
-
-# Config sections each stage depends on (its cache key sees only these).
-SECTIONS = {
-    "experts": ("env", "training.sft.expert_episodes_multiplier"),
-    "eval_tasks": ("env",),
-    "base": ("model",),
-    "sft": ("training.sft", "training.precision", "sampling.history_turns"),
-    "evaluate": ("env", "sampling", "model"),
-    "mc": ("env", "sampling", "model", "mc"),
-    "rewards": ("env", "mc"),
-    "explore": ("env", "sampling", "model", "mc"),
-    "pairs": ("env", "mc", "pairs"),
-    "train": ("training.ipr", "training.precision", "sampling.history_turns"),
-}
 
 
 def artifact_key(*parts: str) -> str:
@@ -50,24 +38,36 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-class _Stages:
-    """Submits stage tasks configured for this run (retries, result storage),
-    refreshing the cache of any stage whose artifact is missing or incomplete."""
+class Stages:
+    """Submits DAG nodes as tasks configured for this run (retries, result
+    storage), refreshing the cache of any stage whose artifact is missing."""
 
-    def __init__(self, cfg: IPRConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: IPRConfig, uris: dict[str, Any] | None = None):
+        self.cfg, self.cfg_json, self.run = cfg, cfg.model_dump(mode="json"), run_uri(cfg)
         self.storage = result_storage(cfg)
-        self.executed: list[str] = []
+        self.futures: dict[str, Any] = dict(uris or {})  # node key -> future or URI
+        self.t0 = time.time()
 
-    def submit(self, task, section: str, out: str, wait_for: Any = None, **params) -> PrefectFuture:
-        refresh = not store.exists(out)
-        if refresh:
-            self.executed.append(out)
-        t = configure(task, self.cfg, self.storage).with_options(refresh_cache=refresh)
-        return t.submit(cfg=stage_cfg(self.cfg, *SECTIONS[section]), out=out, wait_for=wait_for, **params)
+    def submit(self, node: dag.Node) -> PrefectFuture:
+        call = node.call(self.run, self.futures)
+        t = configure(TASKS[node.stage], self.cfg, self.storage).with_options(refresh_cache=not store.exists(call.out))
+        fut = t.submit(cfg=self.cfg_json, out=call.out, inputs=call.inputs, params=call.params)
+        self.futures[node.key] = fut
+        return fut
 
-    def run(self, task, section: str, out: str, **params) -> str:
-        return self.submit(task, section, out, **params).result()
+    def submit_all(self, nodes: Sequence[dag.Node]) -> None:
+        for n in nodes:
+            if n.key not in self.futures:
+                self.submit(n)
+
+    def uri(self, node: dag.Node) -> str:
+        v = self.futures[node.key]
+        return v.result() if isinstance(v, PrefectFuture) else v
+
+    def computed(self, nodes: Sequence[dag.Node]) -> list[str]:
+        """Keys of the nodes whose artifact this flow run computed (not reused or copied)."""
+        ms = {n.key: store.read_manifest(store.join(self.run, n.key)) for n in nodes}
+        return [k for k, m in ms.items() if m is not None and m.origin == "computed" and m.created_at >= self.t0]
 
 
 def _config_run_name(params: dict) -> str:
@@ -85,121 +85,94 @@ def _iteration_run_name() -> str:
 
 
 @flow(name="ipr-iteration", flow_run_name=_iteration_run_name, log_prints=True)
-def ipr_iteration(config: dict, iteration: int, policy_uri: str, scorer_uri: str, reference_uri: str, experts_uri: str, expert_rewards_uri: str, eval_tasks_uri: str) -> dict:
-    """One IPR iteration: explore -> agent MC -> pairs -> train -> evaluate."""
-    cfg = config_from_json(config)
-    paths, st, k = RunPaths.of(cfg), _Stages(cfg), iteration
+def ipr_iteration(config: dict, iteration: int, shards: int, policy_key: str, uris: dict[str, str]) -> dict:
+    """One IPR iteration: explore -> agent MC -> pairs -> train -> evaluate.
+
+    ``uris``: the prologue's artifacts and the current policy, by node key."""
+    cfg, k = config_from_json(config), iteration
+    prologue = dag.prologue(cfg, shards)
+    policy = next(n for n in dag.plan(cfg, shards) if n.key == policy_key)
+    nodes = dag.iteration(cfg, k, shards, prologue, policy)
+    st = Stages(cfg, uris)
+    st.submit_all(nodes)
+    model, ev = nodes[-2], nodes[-1]
+    model_uri, _ = st.uri(model), st.uri(ev)
+    row = model_row(st.run, ev, nodes)
+    create_table_artifact([rep.rounded(row)], key=artifact_key(cfg.run_name, f"iter-{k:02d}"), description=f"IPR iteration {k}: held-out results, pair counts, losses, stage times")
+    create_link_artifact(model_uri, link_text=f"iteration {k} checkpoint", key=artifact_key(cfg.run_name, f"iter-{k:02d}-model"))
+    get_run_logger().info("iteration %d: %s", k, json.dumps(row))
+    return {"model_key": model.key, "model_uri": model_uri, "row": row, "computed": st.computed(nodes)}
+
+
+def _progress(cfg: IPRConfig):
     logger = get_run_logger()
-    t0 = time.time()
-    n = n_shards(cfg, len(ipr_experts(cfg, read_trajectories(experts_uri))))
-    # Stage 2 and Stage 1 on the agent, sharded: a resumed run redoes only missing shards.
-    explore = [st.submit(T.explore, "explore", paths.explore(k, s), policy_uri=policy_uri, experts_uri=experts_uri, iteration=k, shard=s) for s in range(n)]
-    mc = [st.submit(T.agent_mc, "mc", paths.agent_mc(k, s), scorer_uri=scorer_uri, branches_uri=f) for s, f in enumerate(explore)]
-    branch_uris = [f.result() for f in explore]
-    mc_uris = [f.result() for f in mc]
-    t_explore = time.time()
-    agent_rewards = st.run(T.agent_rewards, "rewards", paths.agent_rewards(k), branch_uris=branch_uris, mc_uris=mc_uris)
-    pairs = st.run(T.pairs, "pairs", paths.pairs(k), experts_uri=experts_uri, branch_uris=branch_uris, expert_rewards_uri=expert_rewards_uri, agent_rewards_uri=agent_rewards, iteration=k)
-    t_pairs = time.time()
-    model = st.run(T.train, "train", paths.model(k), policy_uri=policy_uri, reference_uri=reference_uri, pairs_uri=pairs, experts_uri=experts_uri, iteration=k)
-    t_train = time.time()
-    ev = st.run(T.evaluate, "evaluate", paths.eval(f"iter-{k:02d}"), model_uri=model, tasks_uri=eval_tasks_uri, tag=f"iter-{k:02d}", iteration=k)
-    pm, tm, em, rm = (store.read_manifest(u) for u in (pairs, model, ev, agent_rewards))
-    row = {
-        "model": f"iter-{k:02d}",
-        **{k2: em.meta.get(k2) for k2 in ("success_rate", "mean_reward")},
-        "outcome_pairs": pm.meta.get("outcome", 0),
-        "step_pairs": pm.meta.get("step", 0),
-        "train_loss": tm.meta.get("final_loss"),
-        "agent_step_reward_mean": rm.meta.get("mean"),
-        "explore_mc_s": round(t_explore - t0, 1),
-        "pairs_s": round(t_pairs - t_explore, 1),
-        "train_s": round(t_train - t_pairs, 1),
-        "eval_s": round(time.time() - t_train, 1),
-        "recomputed_stages": len(st.executed),
-    }
-    create_table_artifact([row], key=artifact_key(cfg.run_name, f"iter-{k:02d}"), description=f"IPR iteration {k}: held-out results, pair counts, losses, stage times")
-    create_link_artifact(model, link_text=f"iteration {k} checkpoint", key=artifact_key(cfg.run_name, f"iter-{k:02d}-model"))
-    logger.info("iteration %d: %s", k, json.dumps(row))
-    return {"model_uri": model, "eval_uri": ev, "pairs_uri": pairs, "agent_rewards_uri": agent_rewards, "row": row, "executed": st.executed}
+    total, done = 2 + cfg.pipeline.iterations, [0]
+    progress = create_progress_artifact(0.0, key=artifact_key(cfg.run_name, "progress"), description=f"IPR run {cfg.run_name}")
+
+    def tick(what: str) -> None:
+        done[0] += 1
+        update_progress_artifact(progress, 100.0 * done[0] / total, description=f"{cfg.run_name}: {what}")
+        logger.info("progress %d/%d: %s", done[0], total, what)
+
+    return tick
 
 
 @flow(name="ipr-pipeline", flow_run_name=_run_name, log_prints=True)
 def ipr_pipeline(config: IPRConfig) -> dict:
     """IPR end to end: SFT, expert MC once, K iterations, the best model and a report."""
     cfg = config_from_json(config)
-    cfg_json = cfg.model_dump(mode="json")
-    paths, st = RunPaths.of(cfg), _Stages(cfg)
-    logger = get_run_logger()
-    total = 5 + cfg.pipeline.iterations
-    progress = create_progress_artifact(0.0, key=artifact_key(cfg.run_name, "progress"), description=f"IPR run {cfg.run_name}")
-    done = 0
-
-    def tick(what: str) -> None:
-        nonlocal done
-        done += 1
-        update_progress_artifact(progress, 100.0 * done / total, description=f"{cfg.run_name}: {what}")
-        logger.info("progress %d/%d: %s", done, total, what)
-
-    store.write_bytes(store.join(paths.run, "config.json"), json.dumps(cfg_json, indent=2).encode())
-    experts_f = st.submit(T.collect_experts, "experts", paths.experts("train"))
-    tasks_f = st.submit(T.eval_tasks, "eval_tasks", paths.eval_tasks())
-    experts = experts_f.result()
-    base = st.run(T.base_model, "base", paths.base_model(), experts_uri=experts)
-    eval_tasks_uri = tasks_f.result()
-    tick("experts and base model")
-    base_eval = st.submit(T.evaluate, "evaluate", paths.eval("base"), model_uri=base, tasks_uri=eval_tasks_uri, tag="base", iteration=-1) if cfg.pipeline.eval_base else None
-    sft = st.run(T.sft, "sft", paths.sft_model(), base_uri=base, experts_uri=experts)
-    tick("SFT")
-    sft_eval = st.submit(T.evaluate, "evaluate", paths.eval("sft"), model_uri=sft, tasks_uri=eval_tasks_uri, tag="sft", iteration=0)
-    # Stage 1 on the expert, once: the scorer (the SFT model) is fixed.
-    n = n_shards(cfg, len(ipr_experts(cfg, read_trajectories(experts))))
-    mc = [st.submit(T.expert_mc, "mc", paths.expert_mc(s), scorer_uri=sft, experts_uri=experts, shard=s) for s in range(n)]
-    expert_rewards = st.run(T.expert_rewards, "rewards", paths.expert_rewards(), experts_uri=experts, mc_uris=[f.result() for f in mc])
-    tick("expert MC step rewards")
-    rows = []
-    if base_eval is not None:
-        rows.append({"model": "base", **_eval_meta(base_eval.result())})
-    rows.append({"model": "sft", **_eval_meta(sft_eval.result())})
-    tick("base and SFT evaluation")
-    create_link_artifact(sft, link_text="SFT checkpoint (scorer)", key=artifact_key(cfg.run_name, "sft-model"))
-
-    policy, best, best_reward = sft, ("sft", sft), rows[-1]["mean_reward"]
-    executed = list(st.executed)
-    agent_rewards: dict[int, str] = {}
+    check(cfg)
+    st, tick = Stages(cfg), _progress(cfg)
+    save_config(cfg)
+    first = dag.prologue(cfg, 1)[:2]  # experts and eval tasks: the experts decide the shard count
+    st.submit_all(first)
+    shards = dag.shard_count(cfg, st.uri(first[0]))
+    prologue = dag.prologue(cfg, shards)
+    st.submit_all(prologue)
+    for n in prologue:
+        st.uri(n)
+    tick("experts, base model, SFT, expert MC step rewards, base and SFT evaluation")
+    nodes, computed = list(prologue), st.computed(prologue)
+    rows = [model_row(st.run, n, nodes) for n in prologue if n.stage == "evaluate"]
+    uris = {n.key: st.uri(n) for n in prologue}
+    policy = next(n for n in prologue if n.stage == "sft")
+    best = ("sft", uris[policy.key], rows[-1]["mean_reward"])
     for k in range(1, cfg.pipeline.iterations + 1):
-        reference = sft if cfg.training.ipr.reference == "sft" else policy
         # the subflow maps its shards on the same kind of runner as the parent
-        out = ipr_iteration.with_options(task_runner=task_runner(cfg))(cfg_json, k, policy, sft, reference, experts, expert_rewards, eval_tasks_uri)
-        executed += out["executed"]
+        out = ipr_iteration.with_options(task_runner=task_runner(cfg))(st.cfg_json, k, shards, policy.key, uris)
+        it = dag.iteration(cfg, k, shards, prologue, policy)
+        nodes += it
+        computed += out["computed"]
         rows.append(out["row"])
-        agent_rewards[k] = out["agent_rewards_uri"]
-        policy = out["model_uri"]
+        policy = it[-2]
+        uris[policy.key] = out["model_uri"]
         tick(f"iteration {k}")
         reward = out["row"]["mean_reward"]
-        if reward > best_reward:
-            best, best_reward = (f"iter-{k:02d}", policy), reward
-        elif cfg.pipeline.early_stop and reward < best_reward:
-            logger.info("held-out reward fell (%.3f < best %.3f): stopping early", reward, best_reward)
+        if reward > best[2]:
+            best = (f"iter-{k:02d}", out["model_uri"], reward)
+        elif cfg.pipeline.early_stop and reward < best[2]:
+            get_run_logger().info("held-out reward fell (%.3f < best %.3f): stopping early", reward, best[2])
             break
+    return _publish(cfg, st, nodes, rows, best, computed, tick)
 
-    table = rep.iteration_table(rows)
-    links = {"best model": best[1], "SFT model": sft, "expert step rewards": expert_rewards}
+
+def _publish(cfg: IPRConfig, st: Stages, nodes, rows, best, computed, tick) -> dict:
+    """The report, the summary table and the links, as artifacts."""
+    expert_rewards = st.uri(next(n for n in nodes if n.stage == "expert-rewards"))
+    agent = {n.iteration: store.join(st.run, n.key) for n in nodes if n.stage == "agent-rewards"}
+    links = {"best model": best[1], "SFT model": store.join(st.run, "sft/model"), "expert step rewards": expert_rewards}
     md, md_uri = rep.write_report(
-        paths.report(), cfg.run_name, rows, [r["reward"] for r in store.read_rows(expert_rewards, "step_rewards")],
-        {k: [r["reward"] for r in store.read_rows(u, "step_rewards")] for k, u in agent_rewards.items()}, best[0], links,
-    )
+        store.join(st.run, "report"), cfg.run_name, rows, [r["reward"] for r in store.read_rows(expert_rewards, "step_rewards")],
+        {k: [r["reward"] for r in store.read_rows(u, "step_rewards")] for k, u in agent.items()}, best[0], links,
+    )  # fmt: skip
     create_markdown_artifact(md, key=artifact_key(cfg.run_name, "report"), description=f"IPR run report ({md_uri})")
-    create_table_artifact(rows, key=artifact_key(cfg.run_name, "summary"), description="Held-out results per model")
+    create_table_artifact([rep.rounded(r) for r in rows], key=artifact_key(cfg.run_name, "summary"), description="Held-out results per model")
+    create_link_artifact(links["SFT model"], link_text="SFT checkpoint (scorer)", key=artifact_key(cfg.run_name, "sft-model"))
     create_link_artifact(best[1], link_text=f"best model ({best[0]})", key=artifact_key(cfg.run_name, "best-model"))
     tick("report")
-    logger.info("per-iteration results:\n%s", table)
-    return {"run": paths.run, "rows": rows, "best": best[0], "best_model": best[1], "table": table, "report": md_uri, "executed": executed}
-
-
-def _eval_meta(uri: str) -> dict:
-    m = store.read_manifest(uri)
-    return {"success_rate": m.meta.get("success_rate"), "mean_reward": m.meta.get("mean_reward")}
+    table = rep.iteration_table(rows)
+    get_run_logger().info("per-iteration results:\n%s", table)
+    return {"run": st.run, "rows": rows, "best": best[0], "best_model": best[1], "table": table, "report": md_uri, "executed": computed}
 
 
 def task_runner(cfg: IPRConfig):

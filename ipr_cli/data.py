@@ -77,7 +77,8 @@ def _env(args: argparse.Namespace):
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from ipr_core.schemas import from_rows
+    from ipr_core.pipeline import Rows
+    from ipr_core.pipeline.runner import publish
 
     env, _ = _env(args)
     try:
@@ -88,13 +89,15 @@ def _tasks(args: argparse.Namespace) -> int:
         print(f"{t.task_id}\tseed={t.seed}\t{dict(t.meta)}")
     if args.out:
         uri = store.normalize_uri(args.out)
-        store.write_dataset(uri, from_rows([t.to_row() for t in tasks], "tasks"), "tasks", meta={"env": args.env, "split": args.split, "seed": args.seed})
+        publish(uri, "tasks", Rows([t.to_row() for t in tasks]), meta={"env": args.env, "split": args.split, "seed": args.seed})
         print(f"wrote {len(tasks)} tasks to {uri}")
     return 0
 
 
 def _experts(args: argparse.Namespace) -> int:
-    from ipr_core.experts import collect_experts, expert_table, summarize_experts
+    from ipr_core.experts import collect_experts, summarize_experts
+    from ipr_core.pipeline import Rows
+    from ipr_core.pipeline.runner import publish
 
     t0 = time.time()
     env, options = _env(args)
@@ -106,7 +109,7 @@ def _experts(args: argparse.Namespace) -> int:
     summary = summarize_experts(trajs)
     uri = store.normalize_uri(args.out)
     meta = {"env": args.env, "split": args.split, "n": len(tasks), "seed": args.seed, "options": options, "max_steps": args.max_steps, "summary": summary.to_dict()}
-    store.write_dataset(uri, expert_table(trajs), "trajectories", timings={"wall_s": time.time() - t0}, meta=meta)
+    publish(uri, "trajectories", Rows([t.to_row() for t in trajs]), meta=meta, wall_s=time.time() - t0)
     print(
         f"{summary.successes}/{summary.n} experts succeeded ({summary.errors} errors, mean reward {summary.mean_reward:.3f}, "
         f"mean {summary.mean_steps:.1f} steps) -> {uri}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ipr_core.config import ConfigError
@@ -18,8 +19,8 @@ from ipr_core.config import ConfigError
 GROUPS = ["ipr_cli.config_cmd", "ipr_cli.artifacts", "ipr_cli.data", "ipr_cli.model", "ipr_cli.pipeline"]
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="YAML config file (default: built-in defaults)")
+def add_config_args(p: argparse.ArgumentParser, what: str = "default: built-in defaults") -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help=f"YAML config file ({what})")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. --set pipeline.iterations=2 (repeatable)")
 
 
@@ -38,10 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _RunFormatter(logging.Formatter):
+    """Names the Prefect task or flow run a line comes from (Prefect attaches them to its records)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        where = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        line = super().format(record)
+        return f"{line} [{where}]" if where else line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_RunFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     for noisy in ("httpx", "httpcore", "urllib3", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # per-request lines drown the run's own
     from ipr_core.schemas import SchemaError
@@ -52,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SchemaError, StoreError, ValueError, FileNotFoundError) as e:
         print(f"ipr: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ipr ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(rc or 0)
 
 

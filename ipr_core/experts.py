@@ -3,7 +3,7 @@
 The expert's actions are replayed through ``reset`` + ``step`` rather than
 trusted, so the recorded observations, step rewards and outcome are exactly
 what an agent following the same actions would get (and what restoring a
-prefix reproduces, IPR.md "Objects"). Every task yields one row: a crashed
+prefix reproduces, docs/algorithm.md "Objects"). Every task yields one row: a crashed
 environment or a task without an expert becomes a row with ``error`` set, and
 an expert that does not reach success stays in with ``success=False``.
 Consumers keep ``error is None and success`` (``stages.ipr_experts``).

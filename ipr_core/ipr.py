@@ -1,6 +1,6 @@
 """The IPR algorithm (Xiong et al., EMNLP 2024) as pure functions over records.
 
-Stages (IPR.md):
+Stages (docs/algorithm.md):
 - Stage 1, step rewards by Monte Carlo (Eq. 3-5): ``mc_specs`` lists the scorer
   rollouts, ``step_rewards`` averages their outcomes.
 - Stage 2, exploration along the expert: ``explore_specs`` lists, for every

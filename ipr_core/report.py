@@ -15,6 +15,11 @@ def eval_summary(uri: str) -> dict | None:
     return dict(m.meta) if m is not None else None
 
 
+def rounded(row: Mapping, digits: int = 4) -> dict:
+    """A copy of ``row`` with floats rounded for reading (artifacts keep full precision)."""
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in row.items()}
+
+
 def _cell(row: Mapping, key: str, fmt: str, width: int = 0) -> str:
     """A number formatted with ``fmt``, or "-" (right-aligned to ``width``) when absent."""
     v = row.get(key)
@@ -23,14 +28,15 @@ def _cell(row: Mapping, key: str, fmt: str, width: int = 0) -> str:
 
 def iteration_table(rows: Sequence[Mapping]) -> str:
     """A plain-text table: model, held-out success rate and mean reward, pairs, losses."""
-    head = f"{'model':<10} {'success':>8} {'reward':>8} {'outcome pairs':>14} {'step pairs':>11} {'train loss':>11}"
+    head = f"{'model':<10} {'success':>8} {'reward':>8} {'outcome pairs':>14} {'step pairs':>11} {'train loss':>11} {'steps':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(key, fmt):
             return _cell(r, key, fmt, int(fmt.rstrip("fd").split(".")[0]))
 
-        lines.append(f"{r['model']:<10} {f('success_rate', '8.3f')} {f('mean_reward', '8.3f')} {f('outcome_pairs', '14d')} {f('step_pairs', '11d')} {f('train_loss', '11.4f')}")
-    return "\n".join(lines)
+        lines.append(f"{r['model']:<10} {f('success_rate', '8.3f')} {f('mean_reward', '8.3f')} {f('outcome_pairs', '14d')} {f('step_pairs', '11d')} {f('train_loss', '11.4f')} {r.get('train_steps') or '-':>11}")
+    notes = [f"note: {r['model']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(lines + notes)
 
 
 def _png(fig) -> bytes:
@@ -73,12 +79,12 @@ def plots(rows: Sequence[Mapping], expert_rewards: Sequence[float], agent_reward
 
 def markdown(run_name: str, rows: Sequence[Mapping], images: Mapping[str, str], best: str, links: Mapping[str, str]) -> str:
     """The run report; images are data: URIs so the UI page is self-contained."""
-    lines = [f"# IPR run `{run_name}`", "", f"Best model on held-out tasks: **{best}**", "", "| model | success | mean reward | outcome pairs | step pairs | train loss |", "|---|---|---|---|---|---|"]
+    lines = [f"# IPR run `{run_name}`", "", f"Best model on held-out tasks: **{best}**", "", "| model | success | mean reward | outcome pairs | step pairs | train loss | train steps | note |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(key, fmt):
             return _cell(r, key, fmt)
 
-        lines.append(f"| {r['model']} | {f('success_rate', '.3f')} | {f('mean_reward', '.3f')} | {f('outcome_pairs', 'd')} | {f('step_pairs', 'd')} | {f('train_loss', '.4f')} |")
+        lines.append(f"| {r['model']} | {f('success_rate', '.3f')} | {f('mean_reward', '.3f')} | {f('outcome_pairs', 'd')} | {f('step_pairs', 'd')} | {f('train_loss', '.4f')} | {r.get('train_steps') or '-'} | {r.get('note') or ''} |")
     lines.append("")
     for name, uri in images.items():
         lines += [f"![{name}]({uri})", ""]

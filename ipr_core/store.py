@@ -67,6 +67,10 @@ class Manifest:
     meta: Mapping[str, Any] = field(default_factory=dict)
     schema: str = ""
     format: int = MANIFEST_FORMAT
+    # Stage identity (ipr_core.pipeline): what the content was computed from.
+    identity: str = ""
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+    origin: str = "computed"  # or "copied from URI" (same identity, another run)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -159,6 +163,15 @@ def _input_digests(inputs: Iterable[str]) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """The stage identity a manifest records (see ipr_core.pipeline.stage)."""
+
+    identity: str = ""
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+    origin: str = "computed"
+
+
 def _finish(
     fs: fsspec.AbstractFileSystem,
     uri: str,
@@ -171,8 +184,10 @@ def _finish(
     timings: Mapping[str, float] | None,
     meta: Mapping[str, Any] | None,
     schema_text: str,
+    stamp: "Stamp | None" = None,
 ) -> Manifest:
     content = json.dumps([kind, version, [(p.path, p.sha256) for p in parts]])
+    stamp = stamp or Stamp()
     manifest = Manifest(
         kind=kind,
         version=version,
@@ -186,6 +201,9 @@ def _finish(
         timings=dict(timings or {}),
         meta=dict(meta or {}),
         schema=schema_text,
+        identity=stamp.identity,
+        recipe=dict(stamp.recipe),
+        origin=stamp.origin,
     )
     _write_atomic(fs, posixpath.join(path, MANIFEST), manifest.to_json().encode())
     # Parts from older versions or killed writers are invisible already; tidy them.
@@ -210,6 +228,7 @@ def write_dataset(
     timings: Mapping[str, float] | None = None,
     meta: Mapping[str, Any] | None = None,
     part_rows: int = 50_000,
+    stamp: Stamp | None = None,
 ) -> Manifest:
     """Validate ``table`` as ``kind`` and write it as parts + manifest (last)."""
     spec = get_schema(kind)
@@ -228,7 +247,7 @@ def write_dataset(
         name = f"part-{i:05d}-{sha[:12]}.parquet"
         fs.pipe_file(posixpath.join(path, name), data)
         parts.append(PartInfo(name, chunk.num_rows, len(data), sha))
-    return _finish(fs, uri, path, kind, spec.version, parts, inputs, config_digest, timings, meta, spec.schema.to_string())
+    return _finish(fs, uri, path, kind, spec.version, parts, inputs, config_digest, timings, meta, spec.schema.to_string(), stamp)
 
 
 def read_dataset(uri: str, kind: str | None = None) -> pa.Table:
@@ -278,6 +297,7 @@ def write_checkpoint(
     config_digest: str | None = None,
     timings: Mapping[str, float] | None = None,
     meta: Mapping[str, Any] | None = None,
+    stamp: Stamp | None = None,
 ) -> Manifest:
     """Upload every file of ``local_dir`` to ``uri``, then the manifest."""
     local_dir = Path(local_dir)
@@ -299,7 +319,27 @@ def write_checkpoint(
         parts.append(PartInfo(rel, 0, len(data), _sha256(data)))
     if not any(p.path.endswith(".safetensors") for p in parts):
         raise StoreError(f"checkpoint folder {local_dir} holds no .safetensors file")
-    return _finish(fs, uri, path, "checkpoint", 1, parts, inputs, config_digest, timings, meta, "")
+    return _finish(fs, uri, path, "checkpoint", 1, parts, inputs, config_digest, timings, meta, "", stamp)
+
+
+def copy_artifact(src: str, dst: str, *, inputs: Sequence[str], stamp: Stamp) -> Manifest:
+    """Copy the complete artifact at ``src`` to ``dst`` (parts verified against
+    their digests, then a new manifest with the same content digest, last)."""
+    m = read_manifest(src)
+    if m is None:
+        raise ArtifactNotFound(f"no complete artifact at {src}")
+    sfs, spath = _fs(src)
+    dfs, dpath = _fs(dst)
+    dfs.makedirs(dpath, exist_ok=True)
+    for part in m.files:
+        data = sfs.cat_file(posixpath.join(spath, part.path))
+        if _sha256(data) != part.sha256:
+            raise StoreError(f"{join(src, part.path)}: content does not match the manifest's sha256 (corrupted or overwritten)")
+        target = posixpath.join(dpath, part.path)
+        if posixpath.dirname(part.path):
+            dfs.makedirs(posixpath.dirname(target), exist_ok=True)
+        dfs.pipe_file(target, data)
+    return _finish(dfs, dst, dpath, m.kind, m.version, list(m.files), inputs, m.config_digest, m.timings, m.meta, m.schema, stamp)
 
 
 def cache_dir() -> Path:

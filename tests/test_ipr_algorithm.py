@@ -1,4 +1,4 @@
-"""Hand-computed checks of the IPR stages (IPR.md, Eq. 3-9)."""
+"""Hand-computed checks of the IPR stages (docs/algorithm.md, Eq. 3-9)."""
 
 import math
 

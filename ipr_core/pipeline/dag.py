@@ -1,0 +1,101 @@
+"""The pipeline's DAG, listed once: what runs, in which order, reading what.
+
+The flow submits these nodes, ``ipr status`` lists them, ``ipr report`` and the
+flow build their per-iteration rows from them, ``ipr explain`` walks them.
+A node names a declared stage, its parameters and, per input, the node(s) it
+reads; its key is its artifact's path in the run folder (from the declaration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ipr_core import store
+from ipr_core.config import IPRConfig
+from ipr_core.pipeline.runner import Call
+from ipr_core.pipeline.stage import Stage
+from ipr_core.pipeline.stages import STAGES, ipr_experts, n_shards, read_trajectories
+
+
+@dataclass(frozen=True)
+class Node:
+    stage: str
+    params: tuple[tuple[str, Any], ...]
+    inputs: tuple[tuple[str, str | tuple[str, ...]], ...]  # input name -> node key(s)
+
+    @property
+    def spec(self) -> Stage:
+        return STAGES[self.stage]
+
+    @property
+    def key(self) -> str:
+        return self.spec.out_path(dict(self.params))
+
+    @property
+    def iteration(self) -> int | None:
+        return dict(self.params).get("iteration")
+
+    def call(self, run: str, uris: Mapping[str, Any] | None = None) -> Call:
+        """This node as a call in ``run``; inputs from ``uris`` (key -> URI or future) or the layout."""
+        def at(key: str) -> Any:
+            return uris[key] if uris is not None and key in uris else store.join(run, key)
+
+        inputs = {k: (at(v) if isinstance(v, str) else [at(x) for x in v]) for k, v in self.inputs}
+        return Call(self.spec, store.join(run, self.key), dict(self.params), inputs)
+
+
+def node(stage: str, **kw: Any) -> Node:
+    """A node of ``stage``; keyword values that are nodes (or lists of nodes) are inputs."""
+    spec = STAGES[stage]
+    missing = set(spec.inputs + spec.params) ^ set(kw)
+    if missing:
+        raise TypeError(f"stage {stage!r}: arguments {sorted(missing)} do not match its declaration")
+    inputs = tuple((k, kw[k].key if isinstance(kw[k], Node) else tuple(n.key for n in kw[k])) for k in spec.inputs)
+    return Node(stage, tuple((k, kw[k]) for k in spec.params), inputs)
+
+
+def shard_count(cfg: IPRConfig, experts_uri: str) -> int:
+    """MC/exploration shards: from the experts when they exist, else 1 (a placeholder)."""
+    if not store.exists(experts_uri):
+        return 1
+    return n_shards(cfg.mc.shard_size, len(ipr_experts(cfg, read_trajectories(experts_uri))))
+
+
+def prologue(cfg: IPRConfig, shards: int) -> list[Node]:
+    """Experts, base model, SFT, expert MC (once: the scorer is fixed) and the base/SFT evaluations."""
+    experts, tasks = node("experts"), node("eval-tasks")
+    base = node("base-model", experts_uri=experts)
+    sft = node("sft", base_uri=base, experts_uri=experts)
+    evals = [node("evaluate", model_uri=base, tasks_uri=tasks, tag="base", iteration=-1)] if cfg.pipeline.eval_base else []
+    evals.append(node("evaluate", model_uri=sft, tasks_uri=tasks, tag="sft", iteration=0))
+    mc = [node("expert-mc", scorer_uri=sft, experts_uri=experts, shard=s) for s in range(shards)]
+    return [experts, tasks, base, sft, *evals, *mc, node("expert-rewards", experts_uri=experts, mc_uris=mc)]
+
+
+def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node], policy: Node) -> list[Node]:
+    """Iteration k: explore -> agent MC -> agent step rewards -> pairs -> train -> evaluate."""
+    by = {n.stage: n for n in prologue_nodes}
+    experts, sft = by["experts"], by["sft"]
+    explore = [node("explore", policy_uri=policy, experts_uri=experts, iteration=k, shard=s) for s in range(shards)]
+    mc = [node("agent-mc", scorer_uri=sft, branches_uri=e, iteration=k, shard=s) for s, e in enumerate(explore)]
+    rewards = node("agent-rewards", branches_uris=explore, mc_uris=mc, iteration=k)
+    pairs = node("pairs", experts_uri=experts, branches_uris=explore, expert_rewards_uri=by["expert-rewards"], agent_rewards_uri=rewards, iteration=k)
+    reference = sft if cfg.training.ipr.reference == "sft" else policy
+    model = node("train", policy_uri=policy, reference_uri=reference, pairs_uri=pairs, experts_uri=experts, iteration=k)
+    return [*explore, *mc, rewards, pairs, model, node("evaluate", model_uri=model, tasks_uri=by["eval-tasks"], tag=f"iter-{k:02d}", iteration=k)]
+
+
+def plan(cfg: IPRConfig, shards: int) -> list[Node]:
+    """The whole run (every iteration, as if none stopped early), in submission order."""
+    nodes = prologue(cfg, shards)
+    policy = next(n for n in nodes if n.stage == "sft")
+    for k in range(1, cfg.pipeline.iterations + 1):
+        it = iteration(cfg, k, shards, nodes, policy)
+        nodes += it
+        policy = next(n for n in it if n.stage == "train")
+    return nodes
+
+
+def run_plan(cfg: IPRConfig, run: str) -> list[Node]:
+    return plan(cfg, shard_count(cfg, store.join(run, STAGES["experts"].out_path({}))))

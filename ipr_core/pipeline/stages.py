@@ -1,0 +1,248 @@
+"""Every IPR stage, declared once (``@stage``): name, artifact path, output kind,
+the config fields it reads (identity) and those that change only its cost.
+
+Bodies take the context and their inputs' URIs and return data (``Rows`` or a
+model ``Folder``); ``ipr_core.pipeline.runner`` decides whether to compute,
+reuse or copy, and writes the artifact with its manifest. Tasks, flows, the
+CLI's ``status`` / ``report`` / ``explain`` and the benchmarks all derive from
+these declarations (``STAGES``).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+from ipr_core import ipr, store
+from ipr_core.envs.base import make_env
+from ipr_core.pipeline.stage import Context, Folder, Rows, Stage, stage
+from ipr_core.policies.base import SamplingParams
+from ipr_core.types import Task, Trajectory
+
+log = logging.getLogger(__name__)
+
+# Field groups shared by several declarations.
+ENV = ("env.name", "env.options", "env.max_steps")
+EPISODES = ENV + ("sampling.history_turns", "sampling.max_new_tokens", "sampling.top_p", "model.backend", "model.dtype", "model.device", "model.openai.model")
+# Speed and memory only: changing them reuses finished artifacts (outputs may
+# differ by float rounding in batched kernels, never by what is computed).
+EPISODE_COST = (
+    "env.workers", "env.concurrency", "sampling.batch_size", "sampling.prefix_sharing", "sampling.prefix_cache_mb",
+    "model.replicas", "model.replica_threads", "model.trust_remote_code", "model.openai.base_url", "model.openai.api_key_env",
+    "model.openai.timeout_s", "model.openai.max_concurrency", "model.openai.max_retries", "model.openai.backoff_s",
+)  # fmt: skip
+TRAIN_SET = ("seed", "env.train_tasks")  # which expert trajectories IPR explores along
+
+
+# --- helpers over the config view ------------------------------------------------------
+
+
+def _env_factory(cfg):
+    return partial(make_env, cfg.env.name, cfg.env.options, cfg.env.max_steps)
+
+
+def _policy(cfg, model_uri: str):
+    from ipr_core.policies.factory import make_policy
+
+    local = str(store.read_checkpoint(model_uri)) if cfg.model.backend == "transformers" else model_uri
+    return make_policy(cfg.model, cfg.sampling, local)
+
+
+def _sampling(cfg, temperature: float) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
+
+
+def _episodes(ctx: Context, model_uri: str, specs, temperature: float) -> list[Trajectory]:
+    """Play ``specs`` with the model at ``model_uri`` through the lock-step runner."""
+    if not specs:
+        return []
+    cfg = ctx.cfg
+    policy = _policy(cfg, model_uri)
+    try:
+        return ipr.run_specs(
+            _env_factory(cfg), policy, specs, _sampling(cfg, temperature), history=cfg.sampling.history_turns,
+            workers=cfg.env.workers, batch_size=cfg.sampling.batch_size, concurrency=cfg.env.concurrency, progress=ctx.label,
+        )  # fmt: skip
+    finally:
+        close = getattr(policy, "close", None)
+        if close:
+            close()
+
+
+def read_trajectories(uri: str, kind: str = "trajectories") -> list[Trajectory]:
+    return [Trajectory.from_row(r) for r in store.read_rows(uri, kind)]
+
+
+def successful(trajs: Sequence[Trajectory]) -> list[Trajectory]:
+    return [e for e in trajs if e.error is None and e.success]
+
+
+def ipr_experts(cfg, experts: Sequence[Trajectory]) -> list[Trajectory]:
+    """The expert trajectories IPR explores along: the first train_tasks successful ones."""
+    return successful(experts)[: cfg.env.train_tasks]
+
+
+def n_shards(shard_size: int, n_items: int) -> int:
+    return max(1, -(-n_items // shard_size))
+
+
+def _shard(cfg, experts_uri: str, shard: int) -> list[Trajectory]:
+    experts = ipr_experts(cfg, read_trajectories(experts_uri))
+    size = cfg.mc.shard_size
+    return experts[shard * size : (shard + 1) * size]
+
+
+def _branches(uris: Sequence[str]) -> list[Trajectory]:
+    return [b for u in uris for b in read_trajectories(u, "branches")]
+
+
+def _list_tasks(cfg, split: str, n: int) -> list[Task]:
+    env = _env_factory(cfg)()
+    try:
+        return env.list_tasks(split, n=n, seed=cfg.seed)
+    finally:
+        env.close()
+
+
+# --- the stages ------------------------------------------------------------------------
+
+
+@stage("experts", path="experts/train", kind="trajectories", reads=("seed", *ENV, "env.train_tasks", "training.sft.expert_episodes_multiplier"))
+def collect_experts(ctx: Context) -> Rows:
+    """Expert trajectories for SFT (train_tasks x multiplier) and IPR (the first train_tasks)."""
+    from ipr_core.experts import collect_experts as collect
+
+    cfg = ctx.cfg
+    env = _env_factory(cfg)()
+    try:
+        n = cfg.env.train_tasks * cfg.training.sft.expert_episodes_multiplier
+        trajs = collect(env, env.list_tasks("train", n=n, seed=cfg.seed), run_seed=cfg.seed)
+    finally:
+        env.close()
+    ok = sum(t.success for t in trajs)
+    log.info("experts: %d/%d succeeded", ok, len(trajs))
+    return Rows([t.to_row() for t in trajs], {"successes": ok})
+
+
+@stage("eval-tasks", path="tasks/eval", kind="tasks", reads=("seed", *ENV, "env.eval_split", "env.eval_tasks"))
+def eval_tasks(ctx: Context) -> Rows:
+    """The held-out task list."""
+    return Rows([t.to_row() for t in _list_tasks(ctx.cfg, ctx.cfg.env.eval_split, ctx.cfg.env.eval_tasks)])
+
+
+@stage("base-model", path="base/model", kind="checkpoint", reads=("seed", "model.base", "model.tiny"))
+def base_model(ctx: Context, experts_uri: str) -> Folder:
+    """The untrained base model: a tiny local model whose tokenizer is trained on
+    the environment's text, or a user checkpoint (local folder) copied into the store."""
+    cfg = ctx.cfg
+    if cfg.model.base != "tiny":
+        src = Path(cfg.model.base)
+        if not src.is_dir():
+            raise ValueError(f"model.base={cfg.model.base!r} is neither 'tiny' nor a local checkpoint folder")
+        return Folder(src)
+    from ipr_core.conversation import trajectory_messages
+    from ipr_core.policies.tiny import build_tiny_model
+
+    trajs = read_trajectories(experts_uri)[: cfg.model.tiny.tokenizer_corpus_episodes]
+    corpus = [m["content"] for t in trajs for m in trajectory_messages(t.system, t.instruction, t.steps, include_last_observation=True)]
+    return Folder(build_tiny_model(cfg.model.tiny, corpus, ctx.workdir / "model", seed=cfg.seed))
+
+
+@stage("sft", path="sft/model", kind="checkpoint", reads=("seed", "training.sft", "training.precision", "sampling.history_turns"))
+def sft(ctx: Context, base_uri: str, experts_uri: str) -> Folder:
+    """Stage 0 (Eq. 1-2): NLL on the successful expert trajectories' assistant turns."""
+    from ipr_core.training.sft import train_sft
+
+    cfg = ctx.cfg
+    experts = successful(read_trajectories(experts_uri))
+    base = str(store.read_checkpoint(base_uri))
+    result = train_sft(base, experts, cfg.training.sft, cfg.sampling.history_turns, ctx.workdir, seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label)
+    return Folder(ctx.workdir, result.summary())
+
+
+@stage("evaluate", path="eval/{tag}", kind="eval", reads=("seed", *EPISODES, "sampling.explore_temperature"), cost=EPISODE_COST)
+def evaluate(ctx: Context, model_uri: str, tasks_uri: str, tag: str, iteration: int) -> Rows:
+    """Greedy episodes on the held-out tasks: one row per task."""
+    tasks = [Task.from_row(r) for r in store.read_rows(tasks_uri, "tasks")]
+    eps = _episodes(ctx, model_uri, ipr.eval_specs(tasks, ctx.cfg.seed, tag), ctx.cfg.sampling.explore_temperature)
+    rows = ipr.eval_rows(eps, tag, iteration)
+    return Rows(rows, ipr.summarize_eval(rows))
+
+
+def _mc(ctx: Context, scorer_uri: str, targets) -> Rows:
+    specs = ipr.mc_specs(targets, ctx.cfg.mc.n_rollouts, ctx.cfg.seed)
+    rows = ipr.mc_rollout_rows(_episodes(ctx, scorer_uri, specs, ctx.cfg.mc.temperature))
+    return Rows(rows, {"targets": len(targets), "rollouts": len(rows)})
+
+
+MC = ("seed", *EPISODES, "mc.n_rollouts", "mc.temperature")
+
+
+@stage("expert-mc", path="scorer/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *TRAIN_SET, "mc.shard_size"), cost=EPISODE_COST)
+def expert_mc(ctx: Context, scorer_uri: str, experts_uri: str, shard: int) -> Rows:
+    """Stage 1 for the expert: N scorer rollouts after every expert step (one shard)."""
+    return _mc(ctx, scorer_uri, ipr.expert_targets(_shard(ctx.cfg, experts_uri, shard)))
+
+
+@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=MC, cost=EPISODE_COST)
+def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, iteration: int, shard: int) -> Rows:
+    """Stage 1 for the agent: N scorer rollouts after each branch's first own action."""
+    branches = read_trajectories(branches_uri, "branches")
+    return _mc(ctx, scorer_uri, ipr.branch_targets([(b.traj_id, b) for b in branches]))
+
+
+def _rewards(targets, mc_uris: Sequence[str]) -> Rows:
+    rows = ipr.step_rewards(targets, [r for u in mc_uris for r in store.read_rows(u, "mc_rollouts")])
+    return Rows(rows, ipr.reward_stats(rows))
+
+
+@stage("expert-rewards", path="scorer/expert_rewards", kind="step_rewards", reads=TRAIN_SET)
+def expert_rewards(ctx: Context, experts_uri: str, mc_uris: list[str]) -> Rows:
+    """Eq. 3-5 over every expert step (once per scorer, reused by every iteration)."""
+    return _rewards(ipr.expert_targets(ipr_experts(ctx.cfg, read_trajectories(experts_uri))), mc_uris)
+
+
+@stage("agent-rewards", path="iter-{iteration:02d}/agent_rewards", kind="step_rewards", reads=())
+def agent_rewards(ctx: Context, branches_uris: list[str], mc_uris: list[str], iteration: int) -> Rows:
+    """Eq. 3-5 over the agent's first own action of every branch."""
+    return _rewards(ipr.branch_targets([(b.traj_id, b) for b in _branches(branches_uris)]), mc_uris)
+
+
+@stage("explore", path="iter-{iteration:02d}/explore/shard-{shard:03d}", kind="branches", reads=(*EPISODES, *TRAIN_SET, "mc.shard_size", "sampling.explore_temperature"), cost=EPISODE_COST)
+def explore(ctx: Context, policy_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
+    """Stage 2: the current policy continues greedily from every expert prefix e_{1:j}."""
+    specs = ipr.explore_specs(_shard(ctx.cfg, experts_uri, shard), iteration, ctx.cfg.seed)
+    rows = ipr.branch_rows(_episodes(ctx, policy_uri, specs, ctx.cfg.sampling.explore_temperature), iteration)
+    return Rows(rows, {"branches": len(rows)})
+
+
+@stage("pairs", path="iter-{iteration:02d}/pairs", kind="pairs", reads=(*TRAIN_SET, "pairs"))
+def pairs(ctx: Context, experts_uri: str, branches_uris: list[str], expert_rewards_uri: str, agent_rewards_uri: str, iteration: int) -> Rows:
+    """Stage 3 (Eq. 6-9): outcome pairs (j = 0) and step pairs (j >= 1)."""
+    p = ctx.cfg.pairs
+    rewards = store.read_rows(expert_rewards_uri, "step_rewards") + store.read_rows(agent_rewards_uri, "step_rewards")
+    rules = ipr.PairRules(p.tau_step, p.tau_outcome, p.step_variant, p.outcome_pairs, p.step_pairs)
+    rows = ipr.build_pairs(ipr_experts(ctx.cfg, read_trajectories(experts_uri)), _branches(branches_uris), rewards, rules, iteration)
+    counts = {"outcome": sum(r["kind"] == "outcome" for r in rows), "step": sum(r["kind"] == "step" for r in rows)}
+    log.info("iteration %d pairs: %s", iteration, counts)
+    return Rows(rows, counts)
+
+
+@stage("train", path="iter-{iteration:02d}/model", kind="checkpoint", reads=("seed", "training.ipr", "training.precision", "sampling.history_turns"))
+def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, experts_uri: str, iteration: int) -> Folder:
+    """Stage 4 (Eq. 10): outcome-DPO + step-DPO + SFT, starting from the previous policy."""
+    from ipr_core.training.ipr_trainer import train_ipr
+
+    cfg = ctx.cfg
+    policy, reference = (str(store.read_checkpoint(u)) for u in (policy_uri, reference_uri))
+    experts = successful(read_trajectories(experts_uri))
+    result = train_ipr(
+        policy, reference, store.read_rows(pairs_uri, "pairs"), experts, cfg.training.ipr, cfg.sampling.history_turns, ctx.workdir,
+        seed=cfg.seed + iteration, precision=cfg.training.precision, progress=ctx.label,
+    )  # fmt: skip
+    return Folder(ctx.workdir, result.summary())
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_rewards, agent_rewards, explore, pairs, train)}

@@ -1,0 +1,90 @@
+"""Stage identity through the real stages (no Prefect): what a stage reads,
+not where it lives, decides whether it is recomputed.
+
+- changing mc.n_rollouts recomputes the MC stages and what reads them, never
+  exploration (it does not read mc.n_rollouts);
+- a second run name with the same reads copies every artifact instead of computing it;
+- ``ipr explain`` names the changed read;
+- every declared stage is exercised through the config view, so an undeclared read fails here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipr_core import store
+from ipr_core.config import load_config
+from ipr_core.pipeline import STAGES, plan, run_local, run_uri
+
+pytest.importorskip("minigrid")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "seed=3", "env.options={level: BabyAI-GoToObj-v0}", "env.train_tasks=4", "env.eval_tasks=4",
+    "model.tiny={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64, vocab_size: 320, max_position_embeddings: 512, tokenizer_corpus_episodes: 8}",
+    "sampling.max_new_tokens=12", "sampling.history_turns=1", "mc.n_rollouts=2", "mc.shard_size=2",
+    "training.sft.epochs=1", "training.sft.lr=0.001", "training.ipr.epochs=1", "training.ipr.batch_size=4", "pipeline.iterations=1",
+]  # fmt: skip
+
+
+def _manifests(run: str) -> dict[str, store.Manifest]:
+    return {i.uri[len(run) :].strip("/"): store.read_manifest(i.uri) for i in store.ls(run) if i.complete}
+
+
+def _computed_since(run: str, t0: float) -> set[str]:
+    return {k for k, m in _manifests(run).items() if m.origin == "computed" and m.created_at >= t0}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("identity")
+    cfg = load_config(None, [*TINY, f"storage.root={root}", "run_name=first"])
+    run_local(cfg)
+    return root, cfg
+
+
+def test_every_stage_of_the_plan_ran_through_its_declaration(first_run):
+    _, cfg = first_run
+    ran = {n.stage for n in plan(cfg, 2)}
+    assert ran == set(STAGES)  # each one read only what it declares, or it would have raised
+    ms = _manifests(run_uri(cfg))
+    assert all(m.identity and m.recipe["stage"] in STAGES for m in ms.values())
+
+
+def test_another_run_name_copies_everything(first_run):
+    root, cfg = first_run
+    import time
+
+    t0 = time.time()
+    second = cfg.model_copy(update={"run_name": "second"})
+    run_local(second)
+    run = run_uri(second)
+    assert _computed_since(run, t0) == set()
+    first_ms, second_ms = _manifests(run_uri(cfg)), _manifests(run)
+    assert set(first_ms) == set(second_ms)
+    for key, m in second_ms.items():
+        assert m.origin == f"copied from {store.join(run_uri(cfg), key)}" and m.digest == first_ms[key].digest, key
+
+
+def test_mc_rollouts_recompute_mc_but_not_exploration(first_run):
+    root, cfg = first_run
+    import time
+
+    third = load_config(None, [*TINY, f"storage.root={root}", "run_name=third"])
+    run_local(third)  # copies of the first run
+    t0 = time.time()
+    changed = load_config(None, [*TINY, f"storage.root={root}", "run_name=third", "mc.n_rollouts=3"])
+    explain = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", run_uri(third), "expert-mc", "--set", "mc.n_rollouts=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert explain.returncode == 0, explain.stderr
+    assert "config mc.n_rollouts changed: 2 -> 3" in explain.stdout and "up to date" not in explain.stdout
+    run_local(changed)
+    computed = _computed_since(run_uri(changed), t0)
+    assert {"scorer/expert_mc/shard-000", "scorer/expert_mc/shard-001", "iter-01/agent_mc/shard-000", "scorer/expert_rewards"} <= computed
+    assert not any("explore" in k for k in computed), computed
+    assert not computed & {"experts/train", "sft/model", "base/model", "eval/sft", "tasks/eval"}
+    again = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", run_uri(third), "explore"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("up to date") == 2, again.stdout
