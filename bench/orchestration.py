@@ -9,20 +9,13 @@ time (goal: no stage recomputed, under 15 s).
 
 Each mode runs in a fresh process prepared the same way before its clock
 starts (API up, the model stack imported): in one process, whichever mode
-ran second was ~5-10% faster (the same mode twice: 54.9 s, then 50.7 s) on
-state the first one warmed. Resume runs in the prefect process.
+ran second was faster, on state the first one warmed. Resume runs in the
+prefect process.
 
-Measured on 2 cores (pipeline.max_workers=1), three runs: direct 55-68 s,
-ratio 0.97-1.11 (runs vary by ~8% on this machine, more than Prefect costs),
-resume 4-5 s. What Prefect adds outside the stages, 2.6-3.4 s per run:
-~1.2 s joining the two flow runs' heartbeat threads (they sleep in 1 s
-steps), ~0.9 s rendering the report's plots (work only the pipeline does),
-~0.5 s for ~25 task runs (~20 ms each), the rest flow-run creation and
-artifacts; its API server uses ~1 s more CPU than when idle. Before
-flows/task_runners.py the ratio was 1.43-1.49: the stages themselves ran
-1.5-1.9x slower (~28 s) on Prefect's worker threads, each with its own
-OpenMP team (see that module), and the one-process benchmark charged ~6 s of
-imports to the direct run.
+Measured results (the ratio and resume time, what Prefect adds outside the
+stages, and the ratio before flows/task_runners.py, when the stages ran
+slower on Prefect's worker threads, each with its own OpenMP team): see
+docs/performance.md.
 
     .venv/bin/python bench/orchestration.py [--set key=value ...]
 """

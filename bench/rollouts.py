@@ -12,15 +12,14 @@ Measured in one run, same tasks, model and seeds:
    steps a full batch would take: replies of one turn end at different lengths).
    The runners alternate ``--repeat`` times at each of ``--threads`` torch
    thread counts, and each is compared at its fastest (a shared machine's
-   speed drifts between runs; here one episode at a time is fastest on 1
-   thread, the lock-step runner on 2, the pipeline's default: torch's, one per
-   core); the ratios at equal thread counts are printed too.
+   speed drifts between runs, and the runners need not be fastest at the
+   same thread count; the pipeline's default is torch's, one per core); the
+   ratios at equal thread counts are printed too.
    With ``--replicas R`` (default 2) the lock-step runner also runs over
    ``model.replicas=R`` worker processes (``policies/replicated.py``), each
    answering the turns of its own cohort of the slots with the cores shared
    out (a second core used by a second copy of the model, since intra-op
-   threads gain little at this size; measured here: 1.16-1.28x over one
-   process).
+   threads gain little at this size).
 2. Monte Carlo from expert states (N rollouts per state, temperature 1):
    prefill tokens per rollout with and without prefix sharing.
 
@@ -37,6 +36,9 @@ are importable, else the LineWorld fake from tests/.
 
 Both runners share one policy, whose prefix KV cache (earlier turns' prompts
 and replies, the system prompt) is emptied before each timed run.
+
+Measured results (the ratios, the replicas' gain, the MC prefill tokens):
+docs/performance.md.
 """
 
 from __future__ import annotations

@@ -179,8 +179,8 @@ def task_runner(cfg: IPRConfig):
     """The task runner from config: threads (default), Dask or Ray."""
     if cfg.pipeline.task_runner == "threads":
         # Not Prefect's plain ThreadPoolTaskRunner: its idle worker threads keep
-        # torch's OpenMP teams alive, which made every stage 1.5-1.9x slower on
-        # 2 cores (flows/task_runners.py).
+        # torch's OpenMP teams alive, which slows every stage (flows/task_runners.py;
+        # measured by bench/orchestration.py, figures in docs/performance.md).
         from flows.task_runners import StageTaskRunner
 
         return StageTaskRunner(max_workers=cfg.pipeline.max_workers)

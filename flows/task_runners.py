@@ -1,20 +1,17 @@
 """The thread task runner the pipeline uses: no idle thread keeps torch's OpenMP team.
 
-Why (measured on 2 cores, bench/orchestration.py): torch's CPU kernels run on
-OpenMP (libgomp), and every OS thread that calls into torch gets its own
-OpenMP team of ``torch.get_num_threads()`` threads, which lives as long as that
-thread. Prefect's ``ThreadPoolTaskRunner`` keeps its worker threads until the
-flow run ends, so the parent flow's idle workers keep their teams while the
-``ipr-iteration`` subflow's new workers build theirs (and a caller that used
-torch on its own thread, like the benchmark's direct baseline, keeps one too).
-With a second team alive, the tiny, many-small-op models of this pipeline
-ran 1.5-1.9x slower per stage (most likely because libgomp stops spin-waiting
-once its threads outnumber the cores, and parks and wakes them in the kernel
-around every small parallel op; OMP_WAIT_POLICY=ACTIVE is no cure, the idle
-team then spins on a core):
-one explore shard took 3.5 s on the main thread and 7.2 s on a second thread
-after the main one had used torch; bench/orchestration.py's Prefect run took
-89 s instead of 62 s (direct: ~60 s). Prefect's own cost is ~20 ms per task.
+Why: torch's CPU kernels run on OpenMP (libgomp), and every OS thread that
+calls into torch gets its own OpenMP team of ``torch.get_num_threads()``
+threads, which lives as long as that thread. Prefect's ``ThreadPoolTaskRunner``
+keeps its worker threads until the flow run ends, so the parent flow's idle
+workers keep their teams while the ``ipr-iteration`` subflow's new workers
+build theirs (and a caller that used torch on its own thread, like the
+benchmark's direct baseline, keeps one too). With a second team alive, the
+tiny, many-small-op models of this pipeline ran markedly slower per stage
+(most likely because libgomp stops spin-waiting once its threads outnumber the
+cores, and parks and wakes them in the kernel around every small parallel op;
+OMP_WAIT_POLICY=ACTIVE is no cure, the idle team then spins on a core).
+Measured by bench/orchestration.py; figures in docs/performance.md.
 
 So, with the same Prefect semantics (futures, retries, caching, states):
 - ``max_workers == 1``: a task runs in the thread that submits it (the flow's
@@ -23,9 +20,10 @@ So, with the same Prefect semantics (futures, retries, caching, states):
   tasks one at a time in submission order anyway, and so does this.
 - ``max_workers > 1``: every task gets a fresh thread that ends with the task
   (at most ``max_workers`` at once, started in submission order), so an idle
-  thread never holds an OpenMP team (measured at 2 workers: train 13.3 -> 11.8 s,
-  evaluate 4.1 -> 1.9 s). Shards that run side by side still share the cores'
-  OpenMP threads: on 2 cores, 2 workers ran the benchmark ~15% slower than 1.
+  thread never holds an OpenMP team. Shards that run side by side still share
+  the cores' OpenMP threads, so on few cores more workers can be slower than
+  one (bench/orchestration.py with ``--set pipeline.max_workers=2``; figures
+  in docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,22 +1,22 @@
 """Data-parallel generation: one ``Policy``, N replica processes, each with its own model.
 
 One process cannot keep a machine busy with a small model: every forward pays
-~2-3 ms of Python and op dispatch on one core, the tiny matmuls and the decode
-attention gain little from a second intra-op thread (measured on 2 cores: a
-32-row decode step 9.0 ms on 1 thread, 9.9 ms on 2), and two Python threads
-sharing one model fight over the GIL (2-3x slower). Separate processes do not
+a fixed cost of Python and op dispatch on one core, the tiny matmuls and the
+decode attention gain little from a second intra-op thread, and two Python
+threads sharing one model fight over the GIL. Separate processes do not
 share a GIL: each replica answers its part of every batch on its own core (or
 its own GPU: ``cuda:rank``), as vLLM's data parallelism does with engines.
-On the 2-core CI machine two replicas ran ``bench/rollouts.py``'s lock-step
-workload 1.16-1.28x faster than one process (the cores share memory bandwidth
-and caches, and each replica still pays every forward's fixed cost); the
-case it is built for is one replica per GPU.
+On a few CPU cores the gain is modest (the cores share memory bandwidth and
+caches, and each replica still pays every forward's fixed cost); the case it
+is built for is one replica per GPU. Measured by bench/rollouts.py
+(``--replicas 2``); figures in docs/performance.md.
 
 Lanes (``submit`` / ``collect``, ``LanedPolicy``): one request in flight per
 replica, collected as each finishes. The lock-step runner uses them to give
 every replica its own cohort of episodes, so a cohort goes on as soon as its
 replica answers instead of waiting for the slowest one (whichever drew the
-longest reply): 1.10-1.28x over splitting every call, measured on 2 cores.
+longest reply), which beat splitting every call (figures in
+docs/performance.md).
 
 Each ``generate`` call is split by rows:
 - Rows are grouped by their conversation's head (system prompt + instruction:

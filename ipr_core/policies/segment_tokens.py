@@ -3,7 +3,8 @@
 Why: every turn of every episode re-tokenizes its whole prompt (system
 prompt, task, the history window, the new observation), though all but the
 newest message were tokenized on earlier turns. In the lock-step runner that
-was ~0.3 s of a 6.5 s benchmark run, as much as stepping the environments.
+cost as much as stepping the environments (measured with bench/rollouts.py;
+figures in docs/performance.md).
 
 A fast (``tokenizers``) tokenizer first splits the text at its added tokens
 (``<|im_start|>``, ``<|im_end|>``...) and then normalizes, pre-tokenizes and
