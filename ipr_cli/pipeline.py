@@ -65,11 +65,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _saved_config(run: str) -> IPRConfig:
-    uri = store.join(store.normalize_uri(run), "config.json")
+    """The run's saved config, pointed at the folder given: a run folder that was
+    moved or copied is resumed, listed and reported where it is now."""
+    folder = store.normalize_uri(run)
+    uri = store.join(folder, "config.json")
     try:
-        return config_from_json(json.loads(store.read_bytes(uri)))
+        data = json.loads(store.read_bytes(uri))
     except store.ArtifactNotFound:
         raise store.ArtifactNotFound(f"{uri} not found: is {run} a run folder?") from None
+    root, name = folder.rsplit("/", 1)
+    return config_from_json({**data, "run_name": name, "storage": {**data.get("storage", {}), "root": root}})
 
 
 def _resume(args: argparse.Namespace) -> int:

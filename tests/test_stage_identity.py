@@ -88,3 +88,17 @@ def test_mc_rollouts_recompute_mc_but_not_exploration(first_run):
     assert not computed & {"experts/train", "sft/model", "base/model", "eval/sft", "tasks/eval"}
     again = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", run_uri(third), "explore"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("up to date") == 2, again.stdout
+
+
+def test_a_copied_run_folder_is_up_to_date_where_it_is(first_run, tmp_path):
+    """Nothing in a stage's identity names where the run lives: a copy of the
+    run folder elsewhere has every stage up to date, and the CLI acts on the copy."""
+    import shutil
+
+    root, cfg = first_run
+    copy = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(run_uri(cfg), copy)
+    status = subprocess.run([sys.executable, "-m", "ipr_cli.main", "status", str(copy)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "MISSING" not in status.stdout and str(copy / "sft" / "model") in status.stdout, status.stdout
+    explain = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", str(copy)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert explain.returncode == 0 and explain.stdout.strip().endswith("0/17 stages would be recomputed"), explain.stdout
