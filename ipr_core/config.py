@@ -4,7 +4,7 @@ Every section is a frozen pydantic v2 model with ``extra="forbid"`` so that a
 typo in a YAML file or a ``--set key.path=value`` override fails loudly, naming
 the field and the bad value, instead of being silently ignored.
 
-Defaults follow the paper (see ``../shared/spec/IPR.md``) where the paper gives a
+Defaults follow the paper (see docs/algorithm.md) where the paper gives a
 number; CPU-friendly sizes are used where the paper's numbers assume 8xA100
 (batch sizes, model size). ``configs/demo.yaml`` is the small embedded default.
 """
@@ -61,7 +61,7 @@ class TinyModelConfig(_Section):
 
 class OpenAIBackendConfig(_Section):
     base_url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of an OpenAI-compatible server (e.g. `vllm serve`).")
-    model: str | None = Field(None, description="Model name sent to the server; None uses model.base.")
+    model: str | None = Field(None, description="Model name sent to the server; None sends each stage's checkpoint URI (the server must serve it under that name).")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (empty key is allowed for local servers).")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
     max_concurrency: int = Field(16, ge=1, description="Concurrent HTTP requests.")
@@ -70,7 +70,7 @@ class OpenAIBackendConfig(_Section):
 
 
 class ModelConfig(_Section):
-    base: str = Field("tiny", description="'tiny' builds a tiny local model; otherwise a local path, a store URI or a hub id (hub ids need network).")
+    base: str = Field("tiny", description="'tiny' builds a tiny local model from the environment's text; otherwise a local checkpoint folder (copied into the store).")
     backend: Literal["transformers", "openai", "vllm"] = Field("transformers", description="Generation backend for rollouts.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 on CUDA with bf16 support, else float32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the in-process backend; auto = cuda if available.")
@@ -113,7 +113,14 @@ class SFTConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warmup fraction (paper 0.03).")
     scheduler: str = Field("cosine", description="LR schedule (paper cosine).")
     max_length: int = Field(1024, ge=16, description="Max tokens per sample (paper 4096).")
-    max_time_s: float | None = Field(None, gt=0, description="Wall-clock budget; training stops early when reached.")
+    # The budget is steps (epochs, max_steps), not time (IPRTrainConfig's are the same).
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps at most; None = from epochs. The LR schedule spans exactly min(the epochs' steps, max_steps).")
+    min_steps: int = Field(1, ge=0, description="Training cut by max_time_s before this many optimizer steps is an error (0 = never).")
+    max_time_s: float | None = Field(
+        None, gt=0,
+        description="Wall-clock safety cap, None = off: training stops between steps once reached, and the manifest says cut_by_time. "
+        "A safety net only: where it cuts depends on the machine's speed, so results become machine-dependent; size training with epochs / max_steps.",
+    )  # fmt: skip
     expert_episodes_multiplier: int = Field(1, ge=1, description="Extra expert episodes per training task for SFT data (more data for tiny models).")
 
 
@@ -132,7 +139,10 @@ class IPRTrainConfig(_Section):
     max_length: int = Field(1024, ge=16, description="Max tokens per sample.")
     lora: bool = Field(False, description="Train LoRA adapters via peft instead of full weights.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    max_time_s: float | None = Field(None, gt=0, description="Wall-clock budget per iteration.")
+    # Per iteration, as SFTConfig's: the budget is steps (epochs, max_steps), not time.
+    max_steps: int | None = Field(None, ge=1, description="Per iteration. " + SFTConfig.model_fields["max_steps"].description)
+    min_steps: int = Field(1, ge=0, description="Per iteration. " + SFTConfig.model_fields["min_steps"].description)
+    max_time_s: float | None = Field(None, gt=0, description="Per iteration. " + SFTConfig.model_fields["max_time_s"].description)
 
 
 class TrainingConfig(_Section):

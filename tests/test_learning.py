@@ -25,7 +25,7 @@ def test_sft_beats_untrained_and_one_iteration_trains(tmp_path):
             "model.tiny.hidden_size=96", "model.tiny.num_layers=3", "model.tiny.num_heads=4", "model.tiny.num_kv_heads=2",
             "model.tiny.intermediate_size=256", "model.tiny.vocab_size=768",
             "sampling.max_new_tokens=40", "sampling.history_turns=1", "mc.n_rollouts=3", "mc.shard_size=12",
-            "training.sft.epochs=30", "training.sft.lr=0.002", "training.sft.batch_size=16", "training.sft.max_time_s=75",
+            "training.sft.epochs=6", "training.sft.lr=0.002", "training.sft.batch_size=16",
             "training.sft.expert_episodes_multiplier=25", "training.ipr.epochs=1", "training.ipr.lr=0.0001", "training.ipr.warmup_ratio=0", "pipeline.iterations=1",
         ],
     )

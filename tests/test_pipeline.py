@@ -40,8 +40,8 @@ model:
 sampling: {{max_new_tokens: 12, batch_size: 32, history_turns: 1}}
 mc: {{n_rollouts: 2, shard_size: 1}}
 training:
-  sft: {{epochs: 1, lr: 0.001, batch_size: 8, max_time_s: 20}}
-  ipr: {{epochs: 1, batch_size: 4, max_time_s: 20}}
+  sft: {{epochs: 1, lr: 0.001, batch_size: 8}}
+  ipr: {{epochs: 1, batch_size: 4}}
 pipeline: {{iterations: 2, max_workers: 1, retries: 0}}
 storage: {{root: "{root}"}}
 """

@@ -14,11 +14,12 @@ torch = pytest.importorskip("torch")
 from fake_env import SYSTEM, LineWorld, expert_steps, tiny_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_training_losses import NO_MARKERS_TEMPLATE  # noqa: E402
+from test_training_sft import cut_after  # noqa: E402
 
 from ipr_core.config import IPRTrainConfig  # noqa: E402
 from ipr_core.conversation import step_messages, trajectory_messages  # noqa: E402
 from ipr_core.policies.tiny import load_tokenizer, save_tokenizer  # noqa: E402
-from ipr_core.training.common import Runtime, TargetScorer, load_model, score_segments  # noqa: E402
+from ipr_core.training.common import Runtime, TargetScorer, TrainingError, load_model, score_segments  # noqa: E402
 from ipr_core.training.data import collate  # noqa: E402
 from ipr_core.training.ipr_trainer import choose_reference, encode_pairs, reference_logps, train_ipr  # noqa: E402
 from ipr_core.training.losses import dpo_loss, sequence_logps  # noqa: E402
@@ -276,8 +277,33 @@ def test_unusable_pairs(models, pairs, tmp_path, caplog):
         r = train_ipr(policy, policy, [observation_only], [], CFG, HISTORY, tmp_path / "none", seed=0, precision="fp32")
     assert "1 dropped" in caplog.text and "no usable pairs" in caplog.text
     assert r.steps == 0
+    summary = r.summary()
+    assert (summary["steps"], summary["planned_steps"], summary["cut_by_time"]) == (0, 0, False)
     w0, w1 = _weights(policy), _weights(tmp_path / "none")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_max_steps_bounds_an_iteration_and_its_schedule(models, pairs, tmp_path):
+    policy, _ = models
+    cfg = CFG.model_copy(update={"epochs": 20, "batch_size": 2, "warmup_ratio": 0.5, "max_steps": 4, "w_sft": 0.0})
+    r = train_ipr(policy, policy, pairs, [], cfg, HISTORY, tmp_path / "a", seed=0, precision="fp32")
+    assert r.steps == r.planned_steps == 4 and not r.cut_by_time
+    # constant_with_warmup over the 4 steps that run: 2 warmup steps, then constant.
+    assert r.series("lr") == pytest.approx([0.0, cfg.lr / 2, cfg.lr, cfg.lr])
+
+
+def test_time_cap_cuts_an_iteration(models, pairs, tmp_path, monkeypatch, caplog):
+    policy, _ = models
+    cfg = CFG.model_copy(update={"epochs": 10, "batch_size": 2, "max_time_s": 5.0, "w_sft": 0.0})
+    cut_after(monkeypatch, 1)
+    with caplog.at_level(logging.WARNING):
+        r = train_ipr(policy, policy, pairs, [], cfg, HISTORY, tmp_path / "a", seed=0, precision="fp32", progress="iter-01/model")
+    assert r.cut_by_time and r.steps == 1 < r.planned_steps
+    assert r.summary()["cut_by_time"] is True
+    assert f"IPR (iter-01/model): cut by max_time_s=5 s after 1/{r.planned_steps} planned steps" in caplog.text
+    with pytest.raises(TrainingError, match=r"IPR \(iter-02/model\): training was cut by max_time_s=5 s after 1 of \d+ planned optimizer steps, fewer than min_steps=2"):
+        train_ipr(policy, policy, pairs, [], cfg.model_copy(update={"min_steps": 2}), HISTORY, tmp_path / "b", seed=0, precision="fp32", progress="iter-02/model")
+    assert not (tmp_path / "b" / "model.safetensors").exists()
 
 
 # --- several processes -------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""Stage 0 SFT: learns, is deterministic, saves a reloadable checkpoint, respects budgets."""
+"""Stage 0 SFT: learns, is deterministic, saves a reloadable checkpoint, respects budgets
+(steps: epochs / max_steps; the time cap: flagged when it cuts, an error before min_steps)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 
 import pytest
 
@@ -11,13 +14,30 @@ torch = pytest.importorskip("torch")
 from fake_env import SYSTEM, LineWorld, expert_steps, tiny_model  # noqa: E402
 from ipr_core.config import SFTConfig  # noqa: E402
 from ipr_core.policies.tiny import load_tokenizer  # noqa: E402
-from ipr_core.training.common import Runtime, TargetScorer, load_model, score_segments  # noqa: E402
+from ipr_core.training.common import Runtime, TargetScorer, TrainingError, load_model, score_segments  # noqa: E402
+from ipr_core.training import loop  # noqa: E402
 from ipr_core.training.sft import demonstration_segments, train_sft  # noqa: E402
 from ipr_core.types import Trajectory  # noqa: E402
 
 torch.set_num_threads(1)
 
 CFG = SFTConfig(epochs=4, lr=2e-3, batch_size=4, warmup_ratio=0.0, max_length=512)
+
+
+def cut_after(monkeypatch, steps: int) -> None:
+    """Make the time cap (when one is set) run out after exactly ``steps``
+    optimizer steps, whatever this machine's speed."""
+
+    class CutAfter(loop.Budget):
+        def __init__(self, max_time_s):
+            super().__init__(max_time_s)
+            self.checks = 0
+
+        def spent(self) -> bool:
+            self.checks += 1  # once before each step
+            return self.max is not None and self.checks > steps
+
+    monkeypatch.setattr(loop, "Budget", CutAfter)
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +118,46 @@ def test_sft_accepts_rows_of_trajectories_and_of_sft_messages(base, experts):
         demonstration_segments(tok, [{"foo": 1}], 2, 512)
 
 
-def test_time_budget_stops_training(base, experts, tmp_path):
-    result = train_sft(base, experts, CFG.model_copy(update={"max_time_s": 1e-6, "epochs": 50.0}), 1, tmp_path / "s", seed=0, precision="fp32")
-    assert result.stopped_by_budget and result.steps == 0
+def test_max_steps_bounds_the_steps_and_the_lr_schedule(base, experts, tmp_path):
+    cfg = CFG.model_copy(update={"epochs": 50.0, "max_steps": 3, "scheduler": "cosine"})
+    result = train_sft(base, experts, cfg, 1, tmp_path / "s", seed=0, precision="fp32")
+    assert result.steps == result.planned_steps == 3 and not result.cut_by_time
+    # The cosine spans exactly the 3 steps that run, not 50 epochs' worth.
+    want = [cfg.lr * 0.5 * (1 + math.cos(math.pi * i / 3)) for i in range(3)]
+    assert result.series("lr") == pytest.approx(want)
+    summary = result.summary()
+    assert (summary["steps"], summary["planned_steps"], summary["cut_by_time"]) == (3, 3, False)
+    assert "stopped_by_budget" not in summary
+    few = train_sft(base, experts, CFG.model_copy(update={"epochs": 1.0, "max_steps": 1000}), 1, tmp_path / "e", seed=0, precision="fp32")
+    assert few.steps == few.planned_steps < 1000  # epochs decide when they are fewer
+
+
+def test_time_cap_cut_is_flagged_and_warned(base, experts, tmp_path, monkeypatch, caplog):
+    cut_after(monkeypatch, 2)
+    cfg = CFG.model_copy(update={"max_time_s": 30.0, "epochs": 50.0})
+    with caplog.at_level(logging.WARNING):
+        result = train_sft(base, experts, cfg, 1, tmp_path / "s", seed=0, precision="fp32", progress="sft/model")
+    assert result.cut_by_time and result.steps == 2 < result.planned_steps
+    summary = result.summary()
+    assert summary["cut_by_time"] is True and summary["steps"] == 2 and summary["planned_steps"] == result.planned_steps
+    assert f"SFT (sft/model): cut by max_time_s=30 s after 2/{result.planned_steps} planned steps" in caplog.text
     assert (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_time_cap_cut_before_min_steps_is_an_error(base, experts, tmp_path, monkeypatch):
+    cut_after(monkeypatch, 0)
+    cfg = CFG.model_copy(update={"max_time_s": 1e-6, "epochs": 50.0})
+    with pytest.raises(TrainingError, match=r"SFT: training was cut by max_time_s=1e-06 s after 0 of \d+ planned optimizer steps, fewer than min_steps=1"):
+        train_sft(base, experts, cfg, 1, tmp_path / "s", seed=0, precision="fp32")
+    assert not (tmp_path / "s" / "model.safetensors").exists()  # nothing passed on as trained
+    cut_after(monkeypatch, 2)
+    with pytest.raises(TrainingError, match="after 2 of .* min_steps=3"):
+        train_sft(base, experts, cfg.model_copy(update={"min_steps": 3}), 1, tmp_path / "s", seed=0, precision="fp32")
+    result = train_sft(base, experts, cfg.model_copy(update={"min_steps": 0}), 1, tmp_path / "z", seed=0, precision="fp32")
+    assert result.cut_by_time and result.steps == 2  # min_steps=0: any cut is accepted (and flagged)
+
+
+def test_sft_needs_an_expert_trajectory(base, tmp_path):
     with pytest.raises(ValueError, match="at least one"):
         train_sft(base, [], CFG, 1, tmp_path / "x")
 

@@ -5,17 +5,21 @@ text (so a 1k vocabulary covers the domain); the chat template is ChatML with
 ``{% generation %}`` markers, so ``return_assistant_tokens_mask`` works for
 assistant-only losses. The model is a randomly initialised Qwen2 or Llama
 config of ~1-5 M parameters, saved as a normal transformers folder
-(safetensors), loadable by any HF tool.
+(safetensors), loadable by any HF tool (docs/models.md, "The tiny local model").
+
+Saving and loading checkpoints lives in ``checkpoint_io``; its loaders are
+re-exported here, where the backends and tests import them from.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 from pathlib import Path
 from typing import Iterable
 
 from ipr_core.config import TinyModelConfig
+from ipr_core.policies.checkpoint_io import load_causal_lm, load_tokenizer, save_checkpoint, save_tokenizer
+
+__all__ = ["CHAT_TEMPLATE", "IM_END", "IM_START", "PAD", "build_tiny_model", "load_causal_lm", "load_tokenizer", "save_tokenizer", "train_tokenizer"]
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
@@ -29,22 +33,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-
-# transformers 5 builds models on the meta device and fills them in while
-# loading; two threads loading at once (Prefect's thread-pool task runner runs
-# shards side by side) can leave a model half on "meta" ("Cannot copy out of
-# meta tensor", tied weights reported missing). Loading is cheap next to
-# generation and training, so it is serialised with this process-wide lock.
-_LOAD_LOCK = threading.Lock()
-
-
-def load_causal_lm(path: str | Path, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` made safe to call from several threads."""
-    from transformers import AutoModelForCausalLM
-
-    with _LOAD_LOCK:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):
@@ -94,38 +82,4 @@ def build_tiny_model(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: str |
     model = model_cls(config_cls(**common))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    save_tokenizer(tok, out)
-    return out
-
-
-def save_tokenizer(tok, out: str | Path) -> None:
-    """Save so that the tokenizer reloads as the same class.
-
-    DESIGN.md gotcha: a tokenizer saved next to a Qwen2 config reloads through
-    AutoTokenizer as a Qwen2 tokenizer that splits text differently, so the
-    class is pinned in tokenizer_config.json and ``load_tokenizer`` honours it.
-    """
-    tok.save_pretrained(out)
-    cfg_path = Path(out) / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg["chat_template"] = tok.chat_template
-    cfg["padding_side"] = "left"
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-
-
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """Load a tokenizer, keeping locally built ones as PreTrainedTokenizerFast."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    cfg_path = Path(path) / "tokenizer_config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    else:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return save_checkpoint(model, tok, out)

@@ -1,12 +1,12 @@
-"""What SFT and the IPR trainer share: runtime (device, precision, processes),
-loading, the target log-prob scorer, batch planning, optimiser, budget,
-checkpoints and results.
+"""What SFT and the IPR trainer share besides the loop (``training.loop``):
+runtime (device, precision, processes), loading, the target log-prob scorer
+and results. Checkpoint files are ``ipr_core.policies.checkpoint_io``'s.
 
-CPU-safe by construction (DESIGN.md: TRL's bf16 and gradient-checkpointing
-defaults break on CPU): precision "auto" is bf16 autocast only on CUDA with bf16
-support, fp32 elsewhere; no gradient checkpointing. Several GPUs work through
-``accelerate launch`` (DDP via ``Accelerator.prepare``); one process is the
-same code with a world size of 1.
+CPU-safe by construction (docs/models.md, "CPU-safe settings": TRL's bf16 and
+gradient-checkpointing defaults break on CPU): precision "auto" is bf16
+autocast only on CUDA with bf16 support, fp32 elsewhere; no gradient
+checkpointing. Several GPUs work through ``accelerate launch`` (DDP via
+``Accelerator.prepare``); one process is the same code with a world size of 1.
 """
 
 from __future__ import annotations
@@ -14,18 +14,21 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+# checkpoint_dtype, load_tokenizer: re-exported, they were defined here before checkpoint_io.
+from ipr_core.policies.checkpoint_io import checkpoint_dtype, load_tokenizer, save_checkpoint  # noqa: F401
 from ipr_core.training.data import Encoded, collate
 from ipr_core.training.losses import IGNORE, sequence_logps, target_logps
+
+if TYPE_CHECKING:
+    from ipr_core.training.loop import LoopResult
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # --- results ---------------------------------------------------------------------------
 
 
+class TrainingError(RuntimeError):
+    """Training did not do what was asked (e.g. the time cap cut it before
+    ``min_steps`` optimizer steps): a failure, not transient, not retried."""
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a training call did. ``history`` has one dict per optimiser step
@@ -42,12 +50,17 @@ class TrainResult:
     reward_acc, margin, ..., where a term absent from a step is absent from its
     dict rather than a misleading 0)."""
 
-    steps: int
+    steps: int  # optimiser steps that ran
     wall_s: float  # the whole call: loading, tokenising, reference pass, training, saving
     train_s: float  # the optimisation loop only
     tokens: int  # non-padding tokens forwarded through the policy in the loop (all processes)
     history: tuple[Mapping[str, float], ...] = field(default_factory=tuple)
-    stopped_by_budget: bool = False
+    cut_by_time: bool = False  # the wall-clock cap (max_time_s) stopped the loop before planned_steps
+    planned_steps: int = 0  # the steps the LR schedule was planned over
+
+    @classmethod
+    def from_loop(cls, loop: "LoopResult", wall_s: float) -> "TrainResult":
+        return cls(loop.steps, wall_s, loop.train_s, loop.tokens, loop.history, loop.cut_by_time, loop.planned_steps)
 
     @property
     def tokens_per_s(self) -> float:
@@ -58,24 +71,32 @@ class TrainResult:
 
     @property
     def losses(self) -> list[float]:
-        """The optimised objective per step (IPR: Eq. 10's total; SFT: the NLL)."""
+        """The optimised objective per step (IPR: Eq. 10's total; SFT: Eq. 2's NLL)."""
         return self.series("total") or self.series("loss")
 
     def summary(self) -> dict[str, Any]:
-        """Flat JSON-able metrics for manifests (``final_loss`` = last objective)."""
+        """Flat JSON-able metrics for manifests (``final_loss`` = last objective;
+        ``steps`` run of ``planned_steps``, ``cut_by_time`` when the cap cut them)."""
         out: dict[str, Any] = {
             "steps": self.steps,
+            "planned_steps": self.planned_steps,
+            "cut_by_time": self.cut_by_time,
             "wall_s": round(self.wall_s, 3),
             "train_s": round(self.train_s, 3),
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens_per_s, 1),
-            "stopped_by_budget": self.stopped_by_budget,
             "final_loss": self.losses[-1] if self.losses else None,
         }
         if self.history:
             for k, v in self.history[-1].items():
                 out[f"final_{k}"] = v
         return out
+
+
+def stage_name(kind: str, label: str | None) -> str:
+    """What logs and errors call a training call: ``kind`` ("SFT", "IPR") and,
+    in a pipeline, the artifact it trains (its progress label): "IPR (iter-01/model)"."""
+    return f"{kind} ({label})" if label else kind
 
 
 # --- runtime -----------------------------------------------------------------------------
@@ -159,7 +180,7 @@ def load_model(path: str | Path, device: torch.device):
     """A causal LM in fp32 (master weights; autocast does the bf16 math) with
     dropout off, so that the policy's log-probs before the first update equal
     the reference's (as TRL's ``disable_dropout``)."""
-    from ipr_core.policies.tiny import load_causal_lm
+    from ipr_core.policies.checkpoint_io import load_causal_lm
 
     model = load_causal_lm(path, dtype=torch.float32)
     for m in model.modules():
@@ -171,12 +192,6 @@ def load_model(path: str | Path, device: torch.device):
     return model.to(device)
 
 
-def load_tokenizer(path: str | Path):
-    from ipr_core.policies.tiny import load_tokenizer as _load
-
-    return _load(path)
-
-
 def add_lora(model, r: int):
     """Wrap ``model`` with LoRA adapters on every linear layer (peft)."""
     try:
@@ -184,6 +199,13 @@ def add_lora(model, r: int):
     except ImportError as e:  # pragma: no cover - peft is in the lora extra
         raise ImportError("training.ipr.lora=true needs peft: pip install 'ipr-flow[lora]'") from e
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def save_on_main(rt: Runtime, model: nn.Module, tok, out_dir: str | Path, dtype: torch.dtype | None) -> None:
+    """Save the checkpoint (``save_checkpoint``) from the main process; every process waits for it."""
+    if rt.is_main:
+        save_checkpoint(model, tok, out_dir, dtype)
+    rt.accelerator.wait_for_everyone()
 
 
 def release_memory() -> None:
@@ -253,128 +275,3 @@ def score_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: 
         out[idx] = forward_segments(scorer, [segs[k] for k in idx], pad_id, rt).cpu()
         i = j
     return out
-
-
-def save_checkpoint(model: nn.Module, tok, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Save model (safetensors) + tokenizer so that both reload identically.
-
-    LoRA adapters are merged first so checkpoints stay plain transformers
-    folders; weights go back to the checkpoint's own dtype (``dtype``)."""
-    from ipr_core.policies.tiny import save_tokenizer
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if dtype is not None and dtype != torch.float32:
-        model = model.to(dtype)
-    model.config.use_cache = True
-    model.save_pretrained(out, safe_serialization=True)
-    save_tokenizer(tok, out)
-    return out
-
-
-def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
-    """The dtype a checkpoint was saved in (so training in fp32 does not double it)."""
-    from transformers import AutoConfig
-
-    d = getattr(AutoConfig.from_pretrained(str(path)), "dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else None
-
-
-# --- the optimisation loop's pieces ----------------------------------------------------
-
-
-class IndexStream:
-    """Endless shuffled epochs of range(n) from a seeded RNG (the experts of
-    the SFT term, drawn alongside the pairs)."""
-
-    def __init__(self, n: int, rng: random.Random):
-        self.n, self.rng, self.buf = n, rng, []
-
-    def take(self, k: int) -> list[int]:
-        while len(self.buf) < k:
-            nxt = list(range(self.n))
-            self.rng.shuffle(nxt)
-            self.buf += nxt
-        out, self.buf = self.buf[:k], self.buf[k:]
-        return out
-
-
-class EpochBatches:
-    """Global batches of a seeded shuffle per epoch; an epoch's last batch may
-    be smaller (nothing seen twice in an epoch, as HF's dataloaders). Every
-    process draws the same batches, so all know the global counts."""
-
-    def __init__(self, n: int, global_batch: int, epochs: float, rng: random.Random):
-        self.n, self.global_batch, self.rng = n, global_batch, rng
-        self.per_epoch = math.ceil(n / global_batch)
-        self.steps = max(1, math.ceil(epochs * self.per_epoch))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.steps):
-            k = step % self.per_epoch
-            if k == 0:
-                order = list(range(self.n))
-                self.rng.shuffle(order)
-            yield order[k * self.global_batch : (k + 1) * self.global_batch]
-
-
-def micro_batches(indices: Sequence[int], grad_accum: int, world: int) -> list[list[list[int]]]:
-    """Split one step's global batch evenly: result[m][r] = micro-batch m of
-    process r (possibly empty when the batch is an epoch's short last one)."""
-    per = math.ceil(len(indices) / (grad_accum * world))
-    return [[list(indices[(m * world + r) * per : (m * world + r + 1) * per]) for r in range(world)] for m in range(grad_accum)]
-
-
-def or_placeholder(part: list[int], batch: Sequence[int], world: int) -> tuple[list[int], float]:
-    """(indices, loss scale) of a micro-batch. An empty one is skipped on one
-    process; with DDP it runs one item at scale 0, because every process must
-    join each gradient all-reduce."""
-    if part or world == 1:
-        return part, 1.0
-    return [batch[0]], 0.0
-
-
-def make_optimizer(model: nn.Module, lr: float, steps: int, warmup_ratio: float, scheduler: str, device: torch.device):
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda")
-    sched = get_scheduler(scheduler, opt, num_warmup_steps=math.ceil(warmup_ratio * steps), num_training_steps=steps)
-    return opt, sched
-
-
-def optimizer_step(model: nn.Module, opt, sched, max_grad_norm: float = 1.0) -> float:
-    """Clip (as TRL/HF's default max_grad_norm=1), step, schedule; returns the grad norm."""
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return float(norm)
-
-
-class Budget:
-    """Wall-clock budget: training stops cleanly between steps once spent."""
-
-    def __init__(self, max_time_s: float | None):
-        self.t0 = time.perf_counter()
-        self.max = max_time_s
-
-    def spent(self) -> bool:
-        return self.max is not None and self.elapsed() >= self.max
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-
-def progress_bar(total: int, desc: str | None, rt: Runtime):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=desc is None or not rt.is_main, unit="step", leave=False)
-
-
-def log_every(total: int) -> int:
-    return max(1, total // 10)

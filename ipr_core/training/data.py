@@ -97,21 +97,7 @@ def encode_segment(tok, messages: Sequence[Message], is_target: Sequence[bool], 
     if len(messages) != len(is_target):
         raise ValueError(f"{len(messages)} messages but {len(is_target)} target flags")
     full = _render(tok, messages)
-    spans: list[tuple[int, int, str]] = []  # (char start, char end, generation prompt text)
-    for i, flag in enumerate(is_target):
-        if not flag:
-            continue
-        if messages[i]["role"] != "assistant":
-            raise ValueError(f"target message {i} has role {messages[i]['role']!r}, expected 'assistant'")
-        before = _render(tok, messages[:i], generation_prompt=True)
-        upto = _render(tok, messages[: i + 1])
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise TemplateError(
-                f"chat template is not incremental at message {i}: the generation prompt is not a prefix of the rendered turn, "
-                "or rendering later messages changes earlier text; the policy would be trained on a context it never sees"
-            )
-        end = len(before) + _turn_end(upto[len(before) :], messages[i]["content"], tok.eos_token)
-        spans.append((len(before), end, before))
+    spans = _target_spans(tok, messages, is_target, full)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     starts = [a for a, _ in enc["offset_mapping"]]
@@ -133,7 +119,36 @@ def encode_segment(tok, messages: Sequence[Message], is_target: Sequence[bool], 
     # Tokens after the last target (the template's trailing newline) cannot
     # influence any target log-prob in a causal model: do not compute them.
     end = len(target) - target[::-1].index(True)
-    ids, target = ids[:end], target[:end]
+    ids, target, dropped = _truncate_left(ids[:end], target[:end], turn_tokens, max_length)
+    if not any(target):
+        return None
+    return Encoded(tuple(ids), tuple(target), dropped)
+
+
+def _target_spans(tok, messages: Sequence[Message], is_target: Sequence[bool], full: str) -> list[tuple[int, int, str]]:
+    """(char start, char end, generation prompt text) of each target turn in
+    ``full``, the rendered segment; checks the text prefix property (1.)."""
+    spans: list[tuple[int, int, str]] = []
+    for i, flag in enumerate(is_target):
+        if not flag:
+            continue
+        if messages[i]["role"] != "assistant":
+            raise ValueError(f"target message {i} has role {messages[i]['role']!r}, expected 'assistant'")
+        before = _render(tok, messages[:i], generation_prompt=True)
+        upto = _render(tok, messages[: i + 1])
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise TemplateError(
+                f"chat template is not incremental at message {i}: the generation prompt is not a prefix of the rendered turn, "
+                "or rendering later messages changes earlier text; the policy would be trained on a context it never sees"
+            )
+        end = len(before) + _turn_end(upto[len(before) :], messages[i]["content"], tok.eos_token)
+        spans.append((len(before), end, before))
+    return spans
+
+
+def _truncate_left(ids: list[int], target: list[bool], turn_tokens: Sequence[tuple[int, int]], max_length: int) -> tuple[list[int], list[bool], int]:
+    """(ids, target, target turns dropped) cut to the last ``max_length``
+    tokens; a target turn that loses any token is no target any more."""
     dropped = 0
     if len(ids) > max_length:
         cut = len(ids) - max_length
@@ -143,9 +158,7 @@ def encode_segment(tok, messages: Sequence[Message], is_target: Sequence[bool], 
                 for j in range(first, last):
                     target[j] = False
         ids, target = ids[cut:], target[cut:]
-    if not any(target):
-        return None
-    return Encoded(tuple(ids), tuple(target), dropped)
+    return ids, target, dropped
 
 
 def encode_conversation(tok, messages: Sequence[Message], n_prompt: int, history: int | None, max_length: int) -> tuple[list[Encoded], int]:

@@ -1,6 +1,8 @@
-"""Stage 4: the IPR trainer, L = w_o * outcome-DPO + w_s * step-DPO + w_sft * SFT (Eq. 10).
+"""Stage 4: the IPR trainer, L = w_o * outcome-DPO + w_s * step-DPO + w_sft * SFT (Eq. 10;
+docs/algorithm.md, "Stage 4: the mixed loss").
 
-Why not TRL's DPOTrainer (DESIGN.md): it scores every completion token, so in
+Why not TRL's DPOTrainer (docs/models.md, "Why IPR has its own trainer
+instead of TRL's DPOTrainer"): it scores every completion token, so in
 a multi-turn completion the environment's observations would be targets; it
 has no per-kind weights and no separate SFT dataset. Here:
 - a side (prompt + chosen or rejected messages) is split by
@@ -25,32 +27,25 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from torch import nn
 
 from ipr_core.config import IPRTrainConfig
+from ipr_core.policies.checkpoint_io import checkpoint_dtype, load_tokenizer
 from ipr_core.training.common import (
-    Budget,
-    EpochBatches,
-    IndexStream,
     Runtime,
     TargetScorer,
     TrainResult,
     add_lora,
-    checkpoint_dtype,
     forward_segments,
     load_model,
-    load_tokenizer,
-    log_every,
-    make_optimizer,
-    micro_batches,
-    optimizer_step,
-    or_placeholder,
-    progress_bar,
     release_memory,
-    save_checkpoint,
+    save_on_main,
     score_segments,
     seed_everything,
+    stage_name,
 )
 from ipr_core.training.data import Encoded, encode_conversation
+from ipr_core.training.loop import EpochBatches, IndexStream, Step, run_loop
 from ipr_core.training.losses import dpo_loss, implicit_rewards, ipr_loss
 from ipr_core.training.sft import Demonstration, demonstration_segments
 
@@ -147,97 +142,66 @@ def train_ipr(
     """Train iteration k's policy from iteration k-1's (``policy_path``) on
     ``pairs`` ("pairs" rows) and, with sft_target="expert", the ``experts``;
     save it to ``out_dir``. ``batch_size`` pairs per micro-batch and process;
-    a step sees batch_size x grad_accum x processes pairs."""
+    a step sees batch_size x grad_accum x processes pairs. Sized by
+    ``cfg.epochs`` over the pairs / ``cfg.max_steps``; a cut by
+    ``cfg.max_time_s`` before ``cfg.min_steps`` steps raises
+    ``TrainingError``. Without a usable pair the policy is saved unchanged
+    (steps = planned_steps = 0)."""
     t_call = time.perf_counter()
+    name = stage_name("IPR", progress)
     rt = Runtime.create(precision)
     rng = seed_everything(seed)
     tok = load_tokenizer(policy_path)
+    enc, expert_groups = _encode_data(tok, pairs, experts, cfg, history)
+    model = load_model(policy_path, rt.device)
+    save_dtype = checkpoint_dtype(policy_path)
+    if not enc:
+        log.warning("%s: no usable pairs: the policy is saved unchanged", name)
+        save_on_main(rt, model, tok, out_dir, save_dtype)
+        return TrainResult(steps=0, wall_s=time.perf_counter() - t_call, train_s=0.0, tokens=0, planned_steps=0)
+    ref_c, ref_r = _reference_pass(model, policy_path, reference_path, enc, tok.pad_token_id, rt)
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r)
+    scorer = rt.accelerator.prepare(TargetScorer(model))
+    batches = EpochBatches.of(len(enc), cfg, rt.world, rng)
+    expert_stream = IndexStream(len(expert_groups), rng) if expert_groups else None
+    objective = _IPRObjective(cfg, rt, scorer, tok.pad_token_id, enc, ref_c, ref_r, expert_groups, expert_stream)
+    counts = {k: sum(p.kind == k for p in enc) for k in KINDS}
+    log.info("%s: %s pairs, %d expert trajectories (sft_target=%s), %d steps of %d pairs on %s (%s)", name, counts, len(expert_groups), cfg.sft_target, batches.steps, batches.global_batch, rt.device, rt.dtype or "fp32")
+    # The reference code's schedule: constant LR after warmup (docs/algorithm.md,
+    # "Where the paper and the reference code disagree").
+    loop = run_loop(rt, model, scorer, batches, objective.step, cfg, scheduler="constant_with_warmup", name=name, progress=progress)
+    save_on_main(rt, model, tok, out_dir, save_dtype)
+    result = TrainResult.from_loop(loop, time.perf_counter() - t_call)
+    log.info("%s done: %s", name, result.summary())
+    return result
+
+
+def _encode_data(tok, pairs: Sequence[Mapping], experts: Sequence[Demonstration], cfg: IPRTrainConfig, history: int | None) -> tuple[list[EncodedPair], list[list[Encoded]]]:
+    """The tokenised pairs and, when the SFT term is on expert trajectories, those."""
     enc = encode_pairs(tok, pairs, history, cfg.max_length)
     use_experts = cfg.sft_target == "expert" and cfg.w_sft > 0
     expert_groups = demonstration_segments(tok, experts, history, cfg.max_length) if use_experts else []
     if use_experts and not expert_groups:
         log.warning("sft_target='expert' but no expert trajectory was given: the SFT term is 0")
-    model = load_model(policy_path, rt.device)
-    save_dtype = checkpoint_dtype(policy_path)
-    if not enc:
-        log.warning("no usable pairs: the policy is saved unchanged")
-        if rt.is_main:
-            save_checkpoint(model, tok, out_dir, save_dtype)
-        rt.accelerator.wait_for_everyone()
-        return TrainResult(0, time.perf_counter() - t_call, 0.0, 0, (), False)
+    return enc, expert_groups
 
-    # Reference log-probs, once. When pi_ref is the policy's own starting point
-    # (iteration 1, or reference="previous") the loaded policy scores them.
+
+def _reference_pass(model, policy_path: str | Path, reference_path: str | Path, enc: Sequence[EncodedPair], pad_id: int, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs, once. When pi_ref is the policy's own starting point
+    (iteration 1, or reference="previous") the loaded policy scores them;
+    otherwise the reference model is loaded, used and freed."""
     t_ref = time.perf_counter()
     if _same_checkpoint(reference_path, policy_path):
         model.eval()
-        ref_c, ref_r = reference_logps(TargetScorer(model), enc, tok.pad_token_id, rt)
+        ref = reference_logps(TargetScorer(model), enc, pad_id, rt)
     else:
         ref_model = load_model(reference_path, rt.device).eval()
-        ref_c, ref_r = reference_logps(TargetScorer(ref_model), enc, tok.pad_token_id, rt)
+        ref = reference_logps(TargetScorer(ref_model), enc, pad_id, rt)
         del ref_model
         release_memory()
     log.info("reference log-probs of %d pairs in %.1f s", len(enc), time.perf_counter() - t_ref)
-
-    if cfg.lora:
-        model = add_lora(model, cfg.lora_r)
-    scorer = rt.accelerator.prepare(TargetScorer(model))
-    global_batch = cfg.batch_size * cfg.grad_accum * rt.world
-    batches = EpochBatches(len(enc), global_batch, cfg.epochs, rng)
-    steps = batches.steps
-    # Reference settings: constant LR with warmup 0.1 (IPR.md, Stage 4).
-    opt, sched = make_optimizer(model, cfg.lr, steps, cfg.warmup_ratio, "constant_with_warmup", rt.device)
-    expert_stream = IndexStream(len(expert_groups), rng) if expert_groups else None
-    counts = {k: sum(p.kind == k for p in enc) for k in KINDS}
-    log.info("IPR: %s pairs, %d expert trajectories (sft_target=%s), %d steps of %d pairs on %s (%s)", counts, len(expert_groups), cfg.sft_target, steps, global_batch, rt.device, rt.dtype or "fp32")
-
-    scorer.train()
-    budget, bar, hist, tokens, stopped = Budget(cfg.max_time_s), progress_bar(steps, progress, rt), [], 0, False
-    for step, indices in enumerate(batches):
-        if rt.any_process(budget.spent()):
-            stopped = True
-            break
-        plan = _plan_step(indices, enc, expert_groups, expert_stream, cfg, rt.world)
-        acc = _Metrics()
-        lr = sched.get_last_lr()[0]
-        for m, parts in enumerate(plan.pairs):
-            part, scale = or_placeholder(parts[rt.rank], indices, rt.world)
-            if not part:
-                continue
-            batch = [enc[i] for i in part]
-            extra = [s for g in plan.experts[m][rt.rank] for s in expert_groups[g]] if plan.experts else []
-            segs, owner = _flatten(batch)
-            with rt.no_sync(scorer, skip=m < cfg.grad_accum - 1):
-                per_seg = forward_segments(scorer, segs + extra, tok.pad_token_id, rt)
-                pc, pr = _sum_sides(per_seg[: len(segs)], owner, len(batch))
-                idx = torch.tensor(part)
-                rc, rr = ref_c[idx].to(pc.device), ref_r[idx].to(pc.device)
-                per_pair = dpo_loss(pc, pr, rc, rr, cfg.beta)
-                is_outcome = torch.tensor([p.kind == "outcome" for p in batch], device=pc.device)
-                # SFT NLL (Eq. 2): expert segments, or the chosen sides already scored.
-                sft_nll = -per_seg[len(segs) :].sum() if plan.experts else (-pc.sum() if plan.n_sft else per_seg.new_zeros(()))
-                loss = ipr_loss(per_pair, is_outcome, sft_nll, n_outcome=plan.n_outcome, n_step=plan.n_step, n_sft_tokens=plan.n_sft, w_outcome=cfg.w_outcome, w_step=cfg.w_step, w_sft=cfg.w_sft)
-                # x world: DDP averages gradients over processes, Eq. 10 sums them.
-                rt.accelerator.backward(loss * rt.world * scale)
-            if scale:
-                acc.add(loss, per_pair, is_outcome, sft_nll, implicit_rewards(pc, rc, cfg.beta), implicit_rewards(pr, rr, cfg.beta))
-        tokens += plan.tokens
-        grad_norm = optimizer_step(model, opt, sched)
-        hist.append(acc.summary(rt, plan.n_sft) | {"lr": lr, "grad_norm": grad_norm})
-        bar.update(1)
-        bar.set_postfix(loss=f"{hist[-1]['total']:.4f}", acc=f"{hist[-1]['reward_acc']:.2f}")
-        if step % log_every(steps) == 0 or step == steps - 1:
-            log.info("IPR step %d/%d %s", step + 1, steps, {k: round(v, 4) for k, v in hist[-1].items()})
-    bar.close()
-    train_s = budget.elapsed()
-    if stopped:
-        log.info("IPR training stopped by its time budget (%.0f s) after %d/%d steps", cfg.max_time_s, len(hist), steps)
-    if rt.is_main:
-        save_checkpoint(model, tok, out_dir, save_dtype)
-    rt.accelerator.wait_for_everyone()
-    result = TrainResult(len(hist), time.perf_counter() - t_call, train_s, tokens, tuple(hist), stopped)
-    log.info("IPR done: %s", result.summary())
-    return result
+    return ref
 
 
 @dataclass(frozen=True)
@@ -254,8 +218,8 @@ class _StepPlan:
     tokens: int  # tokens the step forwards (all processes)
 
 
-def _plan_step(indices: list[int], enc: Sequence[EncodedPair], expert_groups: Sequence[Sequence[Encoded]], expert_stream: IndexStream | None, cfg: IPRTrainConfig, world: int) -> _StepPlan:
-    pairs = micro_batches(indices, cfg.grad_accum, world)
+def _plan_step(indices: list[int], pairs: list[list[list[int]]], enc: Sequence[EncodedPair], expert_groups: Sequence[Sequence[Encoded]], expert_stream: IndexStream | None, cfg: IPRTrainConfig) -> _StepPlan:
+    """The step's counts; ``pairs`` is ``indices`` split into micro-batches and processes."""
     # One expert trajectory per pair, drawn from its own shuffled stream.
     experts = [[expert_stream.take(len(part)) for part in mb] for mb in pairs] if expert_stream else None
     n_outcome = sum(enc[i].kind == "outcome" for i in indices)
@@ -268,6 +232,66 @@ def _plan_step(indices: list[int], enc: Sequence[EncodedPair], expert_groups: Se
         n_sft = 0
     tokens = sum(enc[i].tokens for i in indices) + sum(len(s) for s in expert_segs)
     return _StepPlan(pairs, experts, n_outcome, len(indices) - n_outcome, n_sft, tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class _IPRObjective:
+    """Eq. 10 over the encoded pairs (and expert trajectories), fixed for the call."""
+
+    cfg: IPRTrainConfig
+    rt: Runtime
+    scorer: nn.Module
+    pad_id: int
+    enc: Sequence[EncodedPair]
+    ref_c: torch.Tensor  # log pi_ref of each pair's chosen side
+    ref_r: torch.Tensor  # ... and of its rejected side
+    expert_groups: Sequence[Sequence[Encoded]]
+    expert_stream: IndexStream | None  # draws the expert trajectories of the SFT term (sft_target="expert")
+
+    def step(self, indices: list[int], micro: list[list[list[int]]]) -> "_IPRStep":
+        return _IPRStep(self, _plan_step(indices, micro, self.enc, self.expert_groups, self.expert_stream, self.cfg))
+
+
+class _IPRStep(Step):
+    """One step of Eq. 10: the DPO terms of each micro-batch's pairs plus the
+    SFT NLL (Eq. 2) of its expert segments or of its chosen sides, each term
+    normalised by the step's global counts (``ipr_loss``)."""
+
+    def __init__(self, obj: _IPRObjective, plan: _StepPlan):
+        self.obj, self.plan = obj, plan
+        self.micro, self.tokens = plan.pairs, plan.tokens
+        self.acc = _Metrics()
+        self._terms: tuple[torch.Tensor, ...] | None = None  # the last micro-batch's, for record()
+
+    def loss(self, m: int, part: list[int]) -> torch.Tensor:
+        o, plan, cfg = self.obj, self.plan, self.obj.cfg
+        batch = [o.enc[i] for i in part]
+        extra = [s for g in plan.experts[m][o.rt.rank] for s in o.expert_groups[g]] if plan.experts else []
+        segs, owner = _flatten(batch)
+        per_seg = forward_segments(o.scorer, segs + extra, o.pad_id, o.rt)
+        pc, pr = _sum_sides(per_seg[: len(segs)], owner, len(batch))
+        idx = torch.tensor(part)
+        rc, rr = o.ref_c[idx].to(pc.device), o.ref_r[idx].to(pc.device)
+        per_pair = dpo_loss(pc, pr, rc, rr, cfg.beta)
+        is_outcome = torch.tensor([p.kind == "outcome" for p in batch], device=pc.device)
+        # SFT NLL (Eq. 2): expert segments, or the chosen sides already scored.
+        sft_nll = -per_seg[len(segs) :].sum() if plan.experts else (-pc.sum() if plan.n_sft else per_seg.new_zeros(()))
+        loss = ipr_loss(per_pair, is_outcome, sft_nll, n_outcome=plan.n_outcome, n_step=plan.n_step, n_sft_tokens=plan.n_sft, w_outcome=cfg.w_outcome, w_step=cfg.w_step, w_sft=cfg.w_sft)
+        self._terms = (loss, per_pair, is_outcome, sft_nll, pc, pr, rc, rr)
+        return loss
+
+    def record(self, scaled: torch.Tensor, scale: float) -> None:
+        loss, per_pair, is_outcome, sft_nll, pc, pr, rc, rr = self._terms
+        self._terms = None
+        if scale:
+            beta = self.obj.cfg.beta
+            self.acc.add(loss, per_pair, is_outcome, sft_nll, implicit_rewards(pc, rc, beta), implicit_rewards(pr, rr, beta))
+
+    def metrics(self) -> dict[str, float]:
+        return self.acc.summary(self.obj.rt, self.plan.n_sft)
+
+    def postfix(self, h: Mapping[str, float]) -> dict[str, str]:
+        return {"loss": f"{h['total']:.4f}", "acc": f"{h['reward_acc']:.2f}"}
 
 
 class _Metrics:

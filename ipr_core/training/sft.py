@@ -1,44 +1,34 @@
-"""Stage 0: supervised fine-tuning on expert trajectories (IPR Eq. 1-2).
+"""Stage 0: supervised fine-tuning on expert trajectories (IPR Eq. 1-2;
+docs/algorithm.md, "Stage 0: SFT").
 
 NLL on the assistant turns only: every step of an expert trajectory is a
 target (n_prompt = 2: system + instruction), each seen through the same
 history window the policy generates with (``conversation.segments``). The loss
 is the mean NLL over the target tokens of the whole optimisation step (every
 micro-batch and process), so gradient accumulation does not reweight tokens.
-A small loop on torch rather than TRL's SFTTrainer: it shares the masks, the
-scorer and the checkpoint format with the IPR trainer, and has no CPU-hostile
-defaults to switch off.
+The shared loop (``training.loop``) on torch rather than TRL's SFTTrainer: it
+shares the masks, the scorer and the checkpoint format with the IPR trainer,
+and has no CPU-hostile defaults to switch off (docs/models.md, "CPU-safe
+settings").
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
+import torch
+from torch import nn
+
 from ipr_core.config import SFTConfig
 from ipr_core.conversation import trajectory_messages
-from ipr_core.training.common import (
-    Budget,
-    EpochBatches,
-    Runtime,
-    TargetScorer,
-    TrainResult,
-    checkpoint_dtype,
-    forward_segments,
-    load_model,
-    load_tokenizer,
-    log_every,
-    make_optimizer,
-    micro_batches,
-    optimizer_step,
-    or_placeholder,
-    progress_bar,
-    save_checkpoint,
-    seed_everything,
-)
+from ipr_core.policies.checkpoint_io import checkpoint_dtype, load_tokenizer
+from ipr_core.training.common import Runtime, TargetScorer, TrainResult, forward_segments, load_model, save_on_main, seed_everything, stage_name
 from ipr_core.training.data import Encoded, encode_conversation
+from ipr_core.training.loop import EpochBatches, Step, run_loop
 from ipr_core.types import Message, Trajectory
 
 log = logging.getLogger(__name__)
@@ -84,7 +74,9 @@ def train_sft(
     progress: str | None = None,
 ) -> TrainResult:
     """Fine-tune ``model_path`` on the expert ``trajectories``; save model and
-    tokenizer (safetensors) to ``out_dir``."""
+    tokenizer (safetensors) to ``out_dir``. Sized by ``cfg.epochs`` /
+    ``cfg.max_steps``; a cut by ``cfg.max_time_s`` before ``cfg.min_steps``
+    steps raises ``TrainingError`` and saves nothing."""
     t_call = time.perf_counter()
     if not trajectories:
         raise ValueError("SFT needs at least one expert trajectory")
@@ -96,45 +88,50 @@ def train_sft(
         raise ValueError(f"no SFT segment fits max_length={cfg.max_length}")
     model = load_model(model_path, rt.device)
     scorer = rt.accelerator.prepare(TargetScorer(model))
-    global_batch = cfg.batch_size * cfg.grad_accum * rt.world
-    batches = EpochBatches(len(segs), global_batch, cfg.epochs, rng)
-    steps = batches.steps
-    opt, sched = make_optimizer(model, cfg.lr, steps, cfg.warmup_ratio, cfg.scheduler, rt.device)
-    log.info("SFT: %d demonstrations, %d segments, %d steps of %d segments on %s (%s)", len(trajectories), len(segs), steps, global_batch, rt.device, rt.dtype or "fp32")
-
-    scorer.train()
-    budget, bar, hist, tokens, stopped = Budget(cfg.max_time_s), progress_bar(steps, progress, rt), [], 0, False
-    for step, indices in enumerate(batches):
-        if rt.any_process(budget.spent()):
-            stopped = True
-            break
-        plan = micro_batches(indices, cfg.grad_accum, rt.world)
-        n_targets = sum(segs[i].n_targets for i in indices)
-        loss_sum, lr = 0.0, sched.get_last_lr()[0]
-        for m, parts in enumerate(plan):
-            part, scale = or_placeholder(parts[rt.rank], indices, rt.world)
-            if not part:
-                continue
-            batch = [segs[i] for i in part]
-            with rt.no_sync(scorer, skip=m < cfg.grad_accum - 1):
-                # Eq. 2 as a token mean over the global step; x world because DDP averages gradients.
-                loss = -forward_segments(scorer, batch, tok.pad_token_id, rt).sum() / n_targets * rt.world * scale
-                rt.accelerator.backward(loss)
-            loss_sum += loss.item() / rt.world
-        tokens += sum(len(segs[i]) for i in indices)
-        grad_norm = optimizer_step(model, opt, sched)
-        hist.append({"loss": rt.sum_over_processes([loss_sum])[0], "lr": lr, "grad_norm": grad_norm})
-        bar.update(1)
-        bar.set_postfix(loss=f"{hist[-1]['loss']:.4f}")
-        if step % log_every(steps) == 0 or step == steps - 1:
-            log.info("SFT step %d/%d loss %.4f lr %.2e", step + 1, steps, hist[-1]["loss"], lr)
-    bar.close()
-    train_s = budget.elapsed()
-    if stopped:
-        log.info("SFT stopped by its time budget (%.0f s) after %d/%d steps", cfg.max_time_s, len(hist), steps)
-    if rt.is_main:
-        save_checkpoint(model, tok, out_dir, checkpoint_dtype(model_path))
-    rt.accelerator.wait_for_everyone()
-    result = TrainResult(len(hist), time.perf_counter() - t_call, train_s, tokens, tuple(hist), stopped)
-    log.info("SFT done: %s", result.summary())
+    batches = EpochBatches.of(len(segs), cfg, rt.world, rng)
+    name = stage_name("SFT", progress)
+    log.info("%s: %d demonstrations, %d segments, %d steps of %d segments on %s (%s)", name, len(trajectories), len(segs), batches.steps, batches.global_batch, rt.device, rt.dtype or "fp32")
+    objective = _SFTObjective(rt, scorer, tok.pad_token_id, segs)
+    loop = run_loop(rt, model, scorer, batches, objective.step, cfg, scheduler=cfg.scheduler, name=name, progress=progress)
+    save_on_main(rt, model, tok, out_dir, checkpoint_dtype(model_path))
+    result = TrainResult.from_loop(loop, time.perf_counter() - t_call)
+    log.info("%s done: %s", name, result.summary())
     return result
+
+
+@dataclass(frozen=True, eq=False)
+class _SFTObjective:
+    """Eq. 2 over the segments of the expert trajectories, fixed for the call."""
+
+    rt: Runtime
+    scorer: nn.Module
+    pad_id: int
+    segs: Sequence[Encoded]
+
+    def step(self, indices: list[int], micro: list[list[list[int]]]) -> "_SFTStep":
+        return _SFTStep(self, micro, sum(self.segs[i].n_targets for i in indices), sum(len(self.segs[i]) for i in indices))
+
+
+class _SFTStep(Step):
+    """One step of Eq. 2 as a token mean over the global step: each micro-batch
+    contributes its summed NLL over the step's target tokens (``n_targets``)."""
+
+    def __init__(self, obj: _SFTObjective, micro: list[list[list[int]]], n_targets: int, tokens: int):
+        self.obj, self.micro, self.n_targets, self.tokens = obj, micro, n_targets, tokens
+        self.loss_sum = 0.0
+
+    def loss(self, m: int, part: list[int]) -> torch.Tensor:
+        o = self.obj
+        return -forward_segments(o.scorer, [o.segs[i] for i in part], o.pad_id, o.rt).sum() / self.n_targets
+
+    def record(self, scaled: torch.Tensor, scale: float) -> None:
+        self.loss_sum += scaled.item() / self.obj.rt.world  # the micro-batch's term; 0 for a placeholder
+
+    def metrics(self) -> dict[str, float]:
+        return {"loss": self.obj.rt.sum_over_processes([self.loss_sum])[0]}
+
+    def postfix(self, h: Mapping[str, float]) -> dict[str, str]:
+        return {"loss": f"{h['loss']:.4f}"}
+
+    def describe(self, h: Mapping[str, float]) -> str:
+        return f"loss {h['loss']:.4f} lr {h['lr']:.2e}"
