@@ -44,6 +44,11 @@ def sloppy(ctx: Context) -> Rows:
     return Rows([{"name": "lr", "value": ctx.cfg.training.ipr.lr, "step": 0}])  # not declared
 
 
+@stage("sharded", path="iter-{iteration:02d}/explore/shard-{shard:03d}", kind="metrics", reads=())
+def sharded(ctx: Context, iteration: int, shard: int) -> Rows:
+    return Rows([])
+
+
 def _submit(st, cfg, out, storage, **kw):
     t = configure(stage_task(st), cfg, storage).with_options(refresh_cache=not store.exists(out))
     return t.submit(cfg=cfg.model_dump(mode="json"), out=out, inputs=kw.pop("inputs", {}), params=kw)
@@ -89,6 +94,21 @@ def test_another_run_name_copies_instead_of_recomputing(tmp_path):
     assert store.read_dataset(b).column("value").to_pylist() == [3.0]
     _two(tmp_path, 3, "run_name=three", "seed=1")  # a declared read differs: computed
     assert CALLS == ["a", "b", "a"]  # ... and its reader sees the same content: copied
+
+
+def test_task_run_names_say_stage_and_place(tmp_path):
+    from prefect.client.orchestration import get_client
+
+    cfg = load_config(overrides=[f"storage.root={tmp_path}", "pipeline.retries=0"])
+
+    @flow
+    def f():
+        fut = _submit(sharded, cfg, str(tmp_path / "iter-02" / "explore" / "shard-003"), result_storage(cfg), iteration=2, shard=3)
+        fut.wait()
+        return fut.task_run_id
+
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(f()).name == "sharded[iter-02/explore/shard-003]"
 
 
 def test_a_read_that_is_not_declared_fails_loudly(tmp_path):
