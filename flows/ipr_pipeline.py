@@ -50,7 +50,8 @@ class Stages:
 
     def submit(self, node: dag.Node) -> PrefectFuture:
         call = node.call(self.run, self.futures)
-        t = configure(TASKS[node.stage], self.cfg, self.storage).with_options(refresh_cache=not store.exists(call.out))
+        # a missing or damaged artifact behind a cache record is never trusted
+        t = configure(TASKS[node.stage], self.cfg, self.storage).with_options(refresh_cache=not store.intact(call.out))
         fut = t.submit(cfg=self.cfg_json, out=call.out, inputs=call.inputs, params=call.params)
         self.futures[node.key] = fut
         return fut

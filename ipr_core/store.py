@@ -146,6 +146,62 @@ def exists(uri: str) -> bool:
     return all(fs.exists(posixpath.join(path, f.path)) for f in m.files)
 
 
+def problems(uri: str) -> list[str]:
+    """What is wrong with the artifact at ``uri``, re-hashing every file against
+    its manifest: [] when it is intact."""
+    try:
+        m = read_manifest(uri)
+    except StoreError as e:
+        return [str(e)]
+    if m is None:
+        return [f"no {MANIFEST}: absent or still being written"]
+    fs, path = _fs(uri)
+    out = []
+    for part in m.files:
+        try:
+            data = fs.cat_file(posixpath.join(path, part.path))
+        except FileNotFoundError:
+            out.append(f"{part.path}: missing")
+            continue
+        if len(data) != part.bytes or _sha256(data) != part.sha256:
+            out.append(f"{part.path}: content does not match the manifest ({len(data)} bytes, manifest says {part.bytes})")
+    return out
+
+
+_INTACT: set[tuple[str, str]] = set()  # (uri, content digest) verified in this process
+
+
+def intact(uri: str) -> bool:
+    """``uri`` is complete and every file matches its manifest's sha256; each
+    (uri, content digest) is hashed once per process, later calls only check the manifest."""
+    try:
+        m = read_manifest(uri)
+    except StoreError:
+        return False
+    if m is None:
+        return False
+    if (uri, m.digest) in _INTACT:
+        return True
+    if problems(uri):
+        return False
+    _INTACT.add((uri, m.digest))
+    return True
+
+
+def stale_inputs(uri: str) -> list[str]:
+    """Recorded inputs whose current content differs from what the artifact was made from."""
+    m = read_manifest(uri)
+    out = []
+    for u, d in (m.inputs if m else {}).items():
+        try:
+            now = read_manifest(u)
+        except StoreError:
+            now = None
+        if now is None or now.digest != d:
+            out.append(f"input {u}: {'gone' if now is None else 'has new content'}")
+    return out
+
+
 def digest(uri: str) -> str:
     m = read_manifest(uri)
     if m is None:
@@ -353,6 +409,8 @@ def read_checkpoint(uri: str) -> Path:
         raise ArtifactNotFound(f"no complete checkpoint at {uri}")
     fs, path = _fs(uri)
     if _is_local(fs):
+        if not intact(uri):  # verified once per digest per process
+            raise StoreError(f"checkpoint {uri} is damaged: {'; '.join(problems(uri))}")
         return Path(path)
     local = cache_dir() / "checkpoints" / m.digest
     done = local / MANIFEST
@@ -402,6 +460,7 @@ class DatasetInfo:
     rows: int | None
     complete: bool
     created_at: float | None
+    problem: str | None = None  # e.g. a corrupt manifest
 
 
 def ls(uri: str) -> list[DatasetInfo]:
@@ -424,6 +483,10 @@ def ls(uri: str) -> list[DatasetInfo]:
         if not folders[d] and any(d.startswith(r + "/") for r in complete_roots):
             continue
         u = proto + d if proto else d
-        m = read_manifest(u) if folders[d] else None
+        try:
+            m = read_manifest(u) if folders[d] else None
+        except StoreError as e:  # one corrupt manifest does not hide the rest
+            out.append(DatasetInfo(u, None, None, False, None, str(e)))
+            continue
         out.append(DatasetInfo(u, m.kind if m else None, m.rows if m else None, m is not None, m.created_at if m else None))
     return out

@@ -102,3 +102,33 @@ def test_a_copied_run_folder_is_up_to_date_where_it_is(first_run, tmp_path):
     assert status.returncode == 0 and "MISSING" not in status.stdout and str(copy / "sft" / "model") in status.stdout, status.stdout
     explain = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", str(copy)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert explain.returncode == 0 and explain.stdout.strip().endswith("0/17 stages would be recomputed"), explain.stdout
+
+
+def test_damage_is_found_by_verify_and_recomputed_on_resume(first_run, tmp_path):
+    """A part truncated behind its manifest and a checkpoint file with flipped
+    bytes: `ipr artifacts verify` names both (exit 1), and a rerun recomputes
+    exactly them; their content comes out the same, so nothing downstream reruns."""
+    import shutil
+    import time
+
+    root, cfg = first_run
+    damaged_root = tmp_path / "root"
+    shutil.copytree(run_uri(cfg), damaged_root / "first")
+    run = str(damaged_root / "first")
+    pairs = store.read_manifest(store.join(run, "iter-01/pairs"))
+    part = Path(run, "iter-01/pairs", pairs.files[0].path)
+    part.write_bytes(part.read_bytes()[:-10])
+    weights = next(Path(run, "sft/model").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    verify = subprocess.run([sys.executable, "-m", "ipr_cli.main", "artifacts", "verify", run], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 1, verify.stdout
+    damaged = {line.split()[1] for line in verify.stdout.splitlines() if line.startswith("DAMAGED")}
+    assert damaged == {store.join(run, "iter-01/pairs"), store.join(run, "sft/model")}, verify.stdout
+    t0 = time.time()
+    store._INTACT.clear()  # this process verified the originals' digests already
+    run_local(cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(damaged_root)})}))
+    assert _computed_since(run, t0) == {"iter-01/pairs", "sft/model"}
+    again = subprocess.run([sys.executable, "-m", "ipr_cli.main", "artifacts", "verify", run], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout

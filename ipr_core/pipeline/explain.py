@@ -17,7 +17,7 @@ from ipr_core.pipeline.stage import identity
 class Verdict:
     key: str
     stage: str
-    state: str  # "up to date" | "missing" | "stale"
+    state: str  # "up to date" | "missing" | "damaged" | "stale"
     reasons: tuple[str, ...] = ()
 
 
@@ -48,9 +48,15 @@ def explain(cfg: IPRConfig, run: str, nodes: Sequence[Node]) -> list[Verdict]:
     verdicts: dict[str, Verdict] = {}
     for n in nodes:
         call = n.call(run)
-        m = store.read_manifest(call.out)
-        if m is None or not store.exists(call.out):
-            verdicts[n.key] = Verdict(n.key, n.stage, "missing", ("no complete artifact: would compute",))
+        try:
+            m = store.read_manifest(call.out)
+        except store.StoreError as e:
+            m, damage = None, [str(e)]
+        else:
+            damage = store.problems(call.out) if m is not None else []
+        if m is None or damage:
+            why = tuple(damage) if damage else ("no complete artifact: would compute",)
+            verdicts[n.key] = Verdict(n.key, n.stage, "damaged" if damage else "missing", why)
             continue
         upstream, digests = {}, {}
         for name, keys in n.inputs:

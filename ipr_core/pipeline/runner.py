@@ -53,8 +53,17 @@ def index_uri(root: str, st: Stage, ident: str) -> str:
 
 
 def is_fresh(out: str, ident: str) -> bool:
-    m = store.read_manifest(out)
-    return m is not None and m.identity == ident and store.exists(out)
+    """``out`` holds this identity's result and every file matches its manifest."""
+    try:
+        m = store.read_manifest(out)
+    except store.StoreError:
+        return False
+    if m is None or m.identity != ident:
+        return False
+    if not store.intact(out):
+        log.warning("%s is damaged (%s): recomputing it", out, "; ".join(store.problems(out)))
+        return False
+    return True
 
 
 def _indexed(root: str, st: Stage, ident: str, out: str) -> str | None:
