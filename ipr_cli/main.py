@@ -2,7 +2,8 @@
 
 Each command group lives in its own module with a ``register(subparsers)``
 function; this module only wires them together. Errors from bad input print
-one clear line (no traceback) and exit with status 2.
+one clear line (no traceback) and exit with status 2. A reader that leaves
+early (`ipr ... | head`) ends the command quietly with status 0.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import sys
 
+from ipr_core import __version__
 from ipr_core.config import ConfigError
 
 # Command-group modules, in --help order.
@@ -27,6 +29,7 @@ def add_config_args(p: argparse.ArgumentParser, what: str = "default: built-in d
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipr", description="IPR (Iterative step-level Process Refinement) for LLM agents, as a Prefect 3 workflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ipr-flow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in GROUPS:
         try:
@@ -48,7 +51,7 @@ class _RunFormatter(logging.Formatter):
         return f"{line} [{where}]" if where else line
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
@@ -64,10 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SchemaError, StoreError, ValueError, FileNotFoundError) as e:
         print(f"ipr: error: {e}", file=sys.stderr)
         return 2
+    return int(rc or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Flush here, not at interpreter exit: there a closed pipe prints
+            # "Exception ignored ... BrokenPipeError" that nothing can catch.
+            # Also on SystemExit (--help, --version).
+            sys.stdout.flush()
     except BrokenPipeError:  # `ipr ... | head`: the reader left; not an error
+        # What is still buffered goes nowhere, so the exit-time flush cannot fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return int(rc or 0)
 
 
 if __name__ == "__main__":
