@@ -85,5 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+# Commands that run Prefect flows exit normally: Prefect flushes its API log
+# handler and stops a local server in exit handlers.
+_PREFECT_COMMANDS = {"run", "resume"}
+
+
+def cli() -> None:
+    """The ``ipr`` executable. Other commands end with ``os._exit`` once their
+    output is flushed: pyarrow's native thread pools, torn down at interpreter
+    exit, occasionally abort the process ("terminate called without an active
+    exception", SIGABRT) after the work is done, which would turn a finished
+    ``ipr status`` into exit code -6."""
+    rc = main()
+    if _PREFECT_COMMANDS.isdisjoint(a for a in sys.argv[1:] if not a.startswith("-")):
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

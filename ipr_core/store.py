@@ -328,7 +328,10 @@ def read_dataset(uri: str, kind: str | None = None) -> pa.Table:
         if _sha256(data) != part.sha256:
             raise StoreError(f"{where}: content does not match the manifest's sha256 (corrupted or overwritten)")
         try:
-            t = pq.read_table(io.BytesIO(data))
+            # On the calling thread, without Arrow's CPU / IO pools: the parts are
+            # small, and a pool still alive at interpreter exit can abort the
+            # process ("terminate called without an active exception", SIGABRT).
+            t = pq.read_table(io.BytesIO(data), use_threads=False, pre_buffer=False)
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{where}: not a readable Parquet file ({e})") from None
         tables.append(conform(t, m.kind, where))
