@@ -30,18 +30,11 @@ from ipr_core import store
 from ipr_core.config import IPRConfig, config_from_json
 from ipr_core.envs.base import EnvError
 from ipr_core.pipeline import Call, Stage, execute
+from ipr_core.pipeline.runner import input_digests
 from ipr_core.pipeline.stage import identity
 from ipr_core.policies.base import PolicyError
 
 log = logging.getLogger(__name__)
-
-
-def _digests(inputs: dict) -> dict[str, list[str]]:
-    out = {}
-    for k, v in inputs.items():
-        ms = [store.read_manifest(u) for u in ([v] if isinstance(v, str) else v)]
-        out[k] = [m.digest if m else "absent" for m in ms]
-    return out
 
 
 @dataclass
@@ -52,7 +45,7 @@ class StageKey(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
         call = Call(self.stage, inputs["out"], inputs["params"], inputs["inputs"])
-        ident = identity(call.recipe(config_from_json(inputs["cfg"]), _digests(inputs["inputs"])))
+        ident = identity(call.recipe(config_from_json(inputs["cfg"]), input_digests(inputs["inputs"], missing="absent")))
         return hashlib.sha256(f"{ident}\n{call.out}".encode()).hexdigest()
 
 

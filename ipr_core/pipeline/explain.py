@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from ipr_core import store
 from ipr_core.config import IPRConfig
 from ipr_core.pipeline.dag import Node
+from ipr_core.pipeline.runner import input_digests
 from ipr_core.pipeline.stage import identity
 
 
@@ -58,14 +59,12 @@ def explain(cfg: IPRConfig, run: str, nodes: Sequence[Node]) -> list[Verdict]:
             why = tuple(damage) if damage else ("no complete artifact: would compute",)
             verdicts[n.key] = Verdict(n.key, n.stage, "damaged" if damage else "missing", why)
             continue
-        upstream, digests = {}, {}
+        upstream = {}
         for name, keys in n.inputs:
-            keys = (keys,) if isinstance(keys, str) else keys
-            changed = [k for k in keys if verdicts.get(k) and verdicts[k].state != "up to date"]
+            changed = [k for k in ((keys,) if isinstance(keys, str) else keys) if verdicts.get(k) and verdicts[k].state != "up to date"]
             if changed:
                 upstream[name] = f"upstream {', '.join(changed)} would be recomputed"
-            digests[name] = [m_.digest if (m_ := store.read_manifest(store.join(run, k))) else "absent" for k in keys]
-        rec = call.recipe(cfg, digests)
+        rec = call.recipe(cfg, input_digests(call.inputs, missing="absent"))
         if not upstream and m.identity == identity(rec):
             verdicts[n.key] = Verdict(n.key, n.stage, "up to date")
         else:

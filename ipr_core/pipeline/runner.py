@@ -30,9 +30,17 @@ def flat_uris(inputs: Mapping[str, str | Sequence[str]]) -> list[str]:
     return [u for v in inputs.values() for u in ([v] if isinstance(v, str) else v)]
 
 
-def input_digests(inputs: Mapping[str, str | Sequence[str]]) -> dict[str, list[str]]:
-    """Each input's content digest(s); raises ArtifactNotFound for an incomplete input."""
-    return {k: [store.digest(u) for u in ([v] if isinstance(v, str) else v)] for k, v in inputs.items()}
+def input_digests(inputs: Mapping[str, str | Sequence[str]], missing: str | None = None) -> dict[str, list[str]]:
+    """Each input's content digest(s). An incomplete input raises ArtifactNotFound,
+    or, given ``missing``, stands as that string (cache keys, ``ipr explain``)."""
+
+    def one(uri: str) -> str:
+        if missing is None:
+            return store.digest(uri)
+        m = store.read_manifest(uri)
+        return m.digest if m is not None else missing
+
+    return {k: [one(u) for u in ([v] if isinstance(v, str) else v)] for k, v in inputs.items()}
 
 
 @dataclass(frozen=True)
