@@ -26,3 +26,20 @@ def pair_row(i=0, kind="step") -> dict:
         "rejected_outcome": 0.0,
         "iteration": 1,
     }
+
+
+# A whole IPR run on BabyAI GoToObj in seconds (4 train / 4 eval tasks, a 32-wide 2-layer model, 1 iteration).
+TINY_RUN = [
+    "seed=3", "env.options={level: BabyAI-GoToObj-v0}", "env.train_tasks=4", "env.eval_tasks=4",
+    "model.tiny={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64, vocab_size: 320, max_position_embeddings: 512, tokenizer_corpus_episodes: 8}",
+    "sampling.max_new_tokens=12", "sampling.history_turns=1", "mc.n_rollouts=2", "mc.shard_size=2",
+    "training.sft.epochs=1", "training.sft.lr=0.001", "training.ipr.epochs=1", "training.ipr.batch_size=4", "pipeline.iterations=1",
+]  # fmt: skip
+
+# configs/demo.yaml shrunk for a deployment run by a worker (~1 min).
+TINY_DEPLOY = [
+    "env.train_tasks=2", "env.eval_tasks=2", "mc.n_rollouts=1", "mc.shard_size=2", "pipeline.iterations=1", "pipeline.eval_base=false",
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=64",
+    "model.tiny.vocab_size=320", "model.tiny.tokenizer_corpus_episodes=4", "sampling.max_new_tokens=8", "sampling.history_turns=1",
+    "training.sft.epochs=1", "training.sft.expert_episodes_multiplier=1", "training.ipr.epochs=1",
+]

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_RUN
 from ipr_core import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
-# tests/test_stage_identity.py's TINY, with fewer tasks: one MC shard, seconds per stage.
-TINY = [
-    "seed=3", "env.options={level: BabyAI-GoToObj-v0}", "env.train_tasks=2", "env.eval_tasks=2",
-    "model.tiny={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64, vocab_size: 320, max_position_embeddings: 512, tokenizer_corpus_episodes: 8}",
-    "sampling.max_new_tokens=12", "sampling.history_turns=1", "mc.n_rollouts=2", "mc.shard_size=2",
-    "training.sft.epochs=1", "training.sft.lr=0.001", "training.ipr.epochs=1", "training.ipr.batch_size=4", "pipeline.iterations=1",
-]  # fmt: skip
+# TINY_RUN with fewer tasks: one MC shard, seconds per stage.
+TINY = [o for o in TINY_RUN if not o.startswith(("env.train_tasks=", "env.eval_tasks="))] + ["env.train_tasks=2", "env.eval_tasks=2"]
 
 
 def _env() -> dict[str, str]:

@@ -9,17 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_DEPLOY
 from prefect_fixtures import VENV_BIN, prefect_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("minigrid")
 
-FAST = [
-    "env.train_tasks=2", "env.eval_tasks=2", "mc.n_rollouts=1", "mc.shard_size=2", "pipeline.iterations=1", "pipeline.eval_base=false",
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=64",
-    "model.tiny.vocab_size=320", "model.tiny.tokenizer_corpus_episodes=4", "sampling.max_new_tokens=8", "sampling.history_turns=1",
-    "training.sft.epochs=1", "training.sft.expert_episodes_multiplier=1", "training.ipr.epochs=1",
-]
 
 
 def _prefect(args, env, timeout=300):
@@ -35,7 +30,7 @@ def test_deploy_and_worker_run(prefect_server, tmp_path):  # noqa: F811
     pool = "ipr-cpu"  # the pool prefect.yaml names (a fresh test server)
     _prefect(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
     _prefect(["deploy", "--all", "--no-prompt"], env)
-    overrides = FAST + [f"storage.root={tmp_path / 'artifacts'}", "run_name=deployed"]
+    overrides = TINY_DEPLOY + [f"storage.root={tmp_path / 'artifacts'}", "run_name=deployed"]
     out = _prefect(["deployment", "run", "ipr-from-config/demo", "--param", f"overrides={json.dumps(overrides)}"], env)
     assert "Created flow run" in out
     worker = subprocess.run([str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("minigrid")
 pytest.importorskip("torch")
 
-from test_stage_identity import TINY  # noqa: E402
+from helpers import TINY_RUN as TINY  # noqa: E402
 from test_training_sft import cut_after  # noqa: E402
 
 from ipr_core import store  # noqa: E402

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from helpers import TINY_DEPLOY
 from prefect_fixtures import VENV_BIN, prefect_server_fast_scheduler, stop_process_group  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 POOL = "sched-cpu"  # the worker's own pool: nothing else is deployed on it
 LEAD_S = 30  # the tiny deployment's first run is due this long after it is written
 INTERVAL_S = 300  # ... and the next ones every 5 min: only the first is due during the test
-TINY = [  # configs/demo.yaml shrunk to a ~1 min run (as in tests/test_deploy.py)
-    "env.train_tasks=2", "env.eval_tasks=2", "mc.n_rollouts=1", "mc.shard_size=2", "pipeline.iterations=1", "pipeline.eval_base=false",
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=64",
-    "model.tiny.vocab_size=320", "model.tiny.tokenizer_corpus_episodes=4", "sampling.max_new_tokens=8", "sampling.history_turns=1",
-    "training.sft.epochs=1", "training.sft.expert_episodes_multiplier=1", "training.ipr.epochs=1",
-]  # fmt: skip
 
 
 def _prefect(args, env, timeout=300):
@@ -97,7 +92,7 @@ def deployed(prefect_server_fast_scheduler, tmp_path_factory):  # noqa: F811
     tiny = {
         "name": "tiny-interval",
         "entrypoint": nightly["entrypoint"],
-        "parameters": {"config_path": nightly["parameters"]["config_path"], "overrides": [*TINY, f"storage.root={storage}", "run_name=scheduled"]},
+        "parameters": {"config_path": nightly["parameters"]["config_path"], "overrides": [*TINY_DEPLOY, f"storage.root={storage}", "run_name=scheduled"]},
         "schedules": [{"interval": INTERVAL_S, "anchor_date": anchor.isoformat(), "timezone": "UTC", "active": True}],
         "work_pool": {"name": POOL, "work_queue_name": "default"},
     }

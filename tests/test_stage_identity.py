@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_RUN
 from ipr_core import store
 from ipr_core.config import load_config
 from ipr_core.pipeline import STAGES, plan, run_local, run_uri
@@ -23,12 +24,6 @@ from ipr_core.pipeline import STAGES, plan, run_local, run_uri
 pytest.importorskip("minigrid")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "seed=3", "env.options={level: BabyAI-GoToObj-v0}", "env.train_tasks=4", "env.eval_tasks=4",
-    "model.tiny={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64, vocab_size: 320, max_position_embeddings: 512, tokenizer_corpus_episodes: 8}",
-    "sampling.max_new_tokens=12", "sampling.history_turns=1", "mc.n_rollouts=2", "mc.shard_size=2",
-    "training.sft.epochs=1", "training.sft.lr=0.001", "training.ipr.epochs=1", "training.ipr.batch_size=4", "pipeline.iterations=1",
-]  # fmt: skip
 
 
 def _manifests(run: str) -> dict[str, store.Manifest]:
@@ -42,7 +37,7 @@ def _computed_since(run: str, t0: float) -> set[str]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("identity")
-    cfg = load_config(None, [*TINY, f"storage.root={root}", "run_name=first"])
+    cfg = load_config(None, [*TINY_RUN, f"storage.root={root}", "run_name=first"])
     run_local(cfg)
     return root, cfg
 
@@ -74,10 +69,10 @@ def test_mc_rollouts_recompute_mc_but_not_exploration(first_run):
     root, cfg = first_run
     import time
 
-    third = load_config(None, [*TINY, f"storage.root={root}", "run_name=third"])
+    third = load_config(None, [*TINY_RUN, f"storage.root={root}", "run_name=third"])
     run_local(third)  # copies of the first run
     t0 = time.time()
-    changed = load_config(None, [*TINY, f"storage.root={root}", "run_name=third", "mc.n_rollouts=3"])
+    changed = load_config(None, [*TINY_RUN, f"storage.root={root}", "run_name=third", "mc.n_rollouts=3"])
     explain = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", run_uri(third), "expert-mc", "--set", "mc.n_rollouts=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert explain.returncode == 0, explain.stderr
     assert "config mc.n_rollouts changed: 2 -> 3" in explain.stdout and "up to date" not in explain.stdout
