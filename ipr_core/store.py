@@ -159,13 +159,23 @@ def problems(uri: str) -> list[str]:
     out = []
     for part in m.files:
         try:
-            data = fs.cat_file(posixpath.join(path, part.path))
+            size, sha = _hash_file(fs, posixpath.join(path, part.path))
         except FileNotFoundError:
             out.append(f"{part.path}: missing")
             continue
-        if len(data) != part.bytes or _sha256(data) != part.sha256:
-            out.append(f"{part.path}: content does not match the manifest ({len(data)} bytes, manifest says {part.bytes})")
+        if size != part.bytes or sha != part.sha256:
+            out.append(f"{part.path}: content does not match the manifest ({size} bytes, manifest says {part.bytes})")
     return out
+
+
+def _hash_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
+    """(bytes, sha256) of a file, streamed: a checkpoint's weights never sit in memory whole."""
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 _INTACT: set[tuple[str, str]] = set()  # (uri, content digest) verified in this process
