@@ -26,7 +26,8 @@ from ipr_core import report as rep
 from ipr_core import store
 from ipr_core.config import IPRConfig, config_from_json
 from ipr_core.pipeline import check, dag, run_uri, save_config
-from ipr_core.pipeline.summary import model_row
+from ipr_core.pipeline import summary
+from ipr_core.pipeline.summary import model_row, result_rows
 from tasks.common import configure, result_storage
 from tasks.stages import TASKS
 
@@ -96,8 +97,10 @@ def ipr_iteration(config: dict, iteration: int, shards: int, policy_key: str, ur
     nodes = dag.iteration(cfg, k, shards, prologue, policy)
     st = Stages(cfg, uris)
     st.submit_all(nodes)
-    model, ev = nodes[-2], nodes[-1]
-    model_uri, _ = st.uri(model), st.uri(ev)
+    model, ev = dag.trained(nodes), next(n for n in nodes if n.stage == "evaluate")  # test first
+    model_uri = st.uri(model)
+    for n in nodes:
+        st.uri(n)
     row = model_row(st.run, ev, nodes)
     create_table_artifact([rep.rounded(row)], key=artifact_key(cfg.run_name, f"iter-{k:02d}"), description=f"IPR iteration {k}: held-out results, pair counts, losses, stage times")
     create_link_artifact(model_uri, link_text=f"iteration {k} checkpoint", key=artifact_key(cfg.run_name, f"iter-{k:02d}-model"))
@@ -125,7 +128,7 @@ def ipr_pipeline(config: IPRConfig) -> dict:
     check(cfg)
     st, tick = Stages(cfg), _progress(cfg)
     save_config(cfg)
-    first = dag.prologue(cfg, 1)[:2]  # experts and eval tasks: the experts decide the shard count
+    first = [n for n in dag.prologue(cfg, 1) if n.stage in ("experts", "eval-tasks")]  # the experts decide the shard count
     st.submit_all(first)
     shards = dag.shard_count(cfg, st.uri(first[0]))
     prologue = dag.prologue(cfg, shards)
@@ -134,10 +137,9 @@ def ipr_pipeline(config: IPRConfig) -> dict:
         st.uri(n)
     tick("experts, base model, SFT, expert MC step rewards, base and SFT evaluation")
     nodes, computed = list(prologue), st.computed(prologue)
-    rows = [model_row(st.run, n, nodes) for n in prologue if n.stage == "evaluate"]
+    rows = result_rows(st.run, prologue)
     uris = {n.key: st.uri(n) for n in prologue}
     policy = next(n for n in prologue if n.stage == "sft")
-    best = ("sft", uris[policy.key], rows[-1]["mean_reward"])
     for k in range(1, cfg.pipeline.iterations + 1):
         # the subflow maps its shards on the same kind of runner as the parent
         out = ipr_iteration.with_options(task_runner=task_runner(cfg))(st.cfg_json, k, shards, policy.key, uris)
@@ -145,26 +147,35 @@ def ipr_pipeline(config: IPRConfig) -> dict:
         nodes += it
         computed += out["computed"]
         rows.append(out["row"])
-        policy = it[-2]
+        policy = dag.trained(it)
         uris[policy.key] = out["model_uri"]
         tick(f"iteration {k}")
-        reward = out["row"]["mean_reward"]
-        if reward > best[2]:
-            best = (f"iter-{k:02d}", out["model_uri"], reward)
-        elif cfg.pipeline.early_stop and reward < best[2]:
-            get_run_logger().info("held-out reward fell (%.3f < best %.3f): stopping early", reward, best[2])
+        top, on, _ = summary.best(rows)
+        key = "val_mean_reward" if on == "val" else "mean_reward"
+        if cfg.pipeline.early_stop and top is not None and rows[-1][key] < top[key]:
+            get_run_logger().info("%s reward fell (%.3f < best %.3f): stopping early", on, rows[-1][key], top[key])
             break
-    return _publish(cfg, st, nodes, rows, best, computed, tick)
+    return _publish(cfg, st, nodes, rows, computed, tick)
 
 
-def _publish(cfg: IPRConfig, st: Stages, nodes, rows, best, computed, tick) -> dict:
+def best_text(best: tuple) -> str:
+    """'iter-02 (chosen on the val tasks; note)' for reports and logs."""
+    tag, _, on, note = best
+    return f"{tag} (chosen on the {on} tasks{'; ' + note if note else ''})"
+
+
+def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     """The report, the summary table and the links, as artifacts."""
+    top, on, note = summary.best(rows)
+    tag = top["model"] if top is not None else "sft"
+    ev = next(n for n in nodes if n.stage == "evaluate" and dict(n.params)["tag"] == tag)
+    best = (tag, store.join(st.run, dict(ev.inputs)["model_uri"]), on, note)
     expert_rewards = st.uri(next(n for n in nodes if n.stage == "expert-rewards"))
     agent = {n.iteration: store.join(st.run, n.key) for n in nodes if n.stage == "agent-rewards"}
     links = {"best model": best[1], "SFT model": store.join(st.run, "sft/model"), "expert step rewards": expert_rewards}
     md, md_uri = rep.write_report(
         store.join(st.run, "report"), cfg.run_name, rows, [r["reward"] for r in store.read_rows(expert_rewards, "step_rewards")],
-        {k: [r["reward"] for r in store.read_rows(u, "step_rewards")] for k, u in agent.items()}, best[0], links,
+        {k: [r["reward"] for r in store.read_rows(u, "step_rewards")] for k, u in agent.items()}, best_text(best), links,
     )  # fmt: skip
     create_markdown_artifact(md, key=artifact_key(cfg.run_name, "report"), description=f"IPR run report ({md_uri})")
     create_table_artifact([rep.rounded(r) for r in rows], key=artifact_key(cfg.run_name, "summary"), description="Held-out results per model")
@@ -173,7 +184,7 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, best, computed, tick) -> d
     tick("report")
     table = rep.iteration_table(rows)
     get_run_logger().info("per-iteration results:\n%s", table)
-    return {"run": st.run, "rows": rows, "best": best[0], "best_model": best[1], "table": table, "report": md_uri, "executed": computed}
+    return {"run": st.run, "rows": rows, "best": best[0], "best_model": best[1], "chosen_on": on, "best_note": note, "table": table, "report": md_uri, "executed": computed}
 
 
 def task_runner(cfg: IPRConfig):

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Commands that run Prefect flows exit normally: Prefect flushes its API log
 # handler and stops a local server in exit handlers.
-_PREFECT_COMMANDS = {"run", "resume"}
+_PREFECT_COMMANDS = {"run", "resume", "experiment"}
 
 
 def cli() -> None:

@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the IPR pipeline (a Prefect flow)", description="Run the IPR pipeline as a Prefect flow: against PREFECT_API_URL if set, else a local ephemeral Prefect. Finished stages with the same identity (declared config reads, inputs, code) are reused, also from other runs under the same storage root.")
     add_config_args(run)
     run.set_defaults(func=_run)
+    exp = sub.add_parser("experiment", help="run an experiment: variants x seeds sharing their upstream stages, with intervals", description="Run every (seed, variant) of an experiment file as an IPR run under {storage.root}/{name}/, sharing the stages variants have in common, then write the experiment report (mean over seeds with 95%% intervals, paired bootstrap against the baseline variant). Rerunning recomputes only what did not finish.")
+    exp.add_argument("--config", "-c", metavar="FILE", required=True, help="experiment YAML (name, base, overrides, seeds, variants, baseline)")
+    exp.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field of every run, e.g. --set env.eval_tasks=64 (repeatable)")
+    exp.set_defaults(func=_experiment)
     resume = sub.add_parser("resume", help="rerun a run with its saved config, recomputing only what is missing", description="Resume a run: reload RUN/config.json and run again; up-to-date stages are skipped.")
     resume.add_argument("run", help="the run folder (e.g. ./artifacts/ipr-demo or s3://bucket/prefix/ipr-demo)")
     resume.set_defaults(func=_resume)
@@ -36,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     status.set_defaults(func=_status)
     report = sub.add_parser("report", help="print the per-iteration table of a run and its best model", description="Print the per-model table of a run (held-out success and reward, pairs, losses), then the best model (highest held-out mean reward; SFT and the iterations compete, as in the flow) and its checkpoint.")
-    report.add_argument("run", help="the run folder")
+    report.add_argument("run", help="the run folder, or an experiment folder (its variant x model table with intervals)")
     report.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     report.set_defaults(func=_report)
     explain = sub.add_parser("explain", help="say why each stage of a run would (or would not) be recomputed", description="Compare what each stage would read now (the run's saved config, or -c/--set) with what its artifact was made from: changed config reads, input contents, code version.")
@@ -57,7 +61,30 @@ def _go(cfg: IPRConfig) -> int:
     print()
     print(f"run: {out['run']}")
     print(out["table"])
-    print(f"best: {out['best']} ({out['best_model']})")
+    print(f"best: {out['best']} (chosen on the {out['chosen_on']} tasks) at {out['best_model']}")
+    if out["best_note"]:
+        print(f"note: {out['best_note']}")
+    print(f"report: {out['report']}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ipr_core.experiment import expand, load_experiment
+    from ipr_core.pipeline import check
+
+    exp = load_experiment(args.config, args.overrides)
+    for r in expand(exp):  # every run's config and environment, before a Prefect server starts
+        check(r.cfg)
+    _prefect_env()
+    from flows.ipr_experiment import ipr_experiment
+
+    command = "ipr experiment " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["experiment"] else None
+    out = ipr_experiment(exp.model_dump(mode="json"), command)
+    print()
+    print(f"experiment: {out['folder']}")
+    print(out["table"])
     print(f"report: {out['report']}")
     return 0
 
@@ -115,42 +142,38 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if done == len(stages) else 1
 
 
-def _names(models: list[str]) -> str:
-    return models[0] if len(models) == 1 else f"{', '.join(models[:-1])} and {models[-1]}"
-
-
 def best_model(run: str, nodes, rows: list[dict]) -> tuple[dict | None, str | None]:
-    """The best model of ``rows`` as {"model", "uri", "mean_reward"}, and a note (or None).
+    """The best model of ``rows`` as {"model", "uri", "mean_reward", "chosen_on"}, and a note (or None),
+    chosen as the flow chooses it (``summary.best``: validation tasks where the run has them)."""
+    from ipr_core.pipeline.summary import best
 
-    As in the flow: SFT and the iterations compete (the untrained base does not),
-    the highest held-out mean reward wins, and on a tie the earliest is kept."""
-    scored = [r for r in rows if isinstance(r.get("mean_reward"), (int, float))]
-    trained = [r for r in scored if r["model"] != "base"]
-    if not trained:
-        return None, "no trained model evaluated yet"
-    best = trained[0]
-    for r in trained[1:]:
-        if r["mean_reward"] > best["mean_reward"]:
-            best = r
-    ev = next(n for n in nodes if n.stage == "evaluate" and dict(n.params)["tag"] == best["model"])
-    reward = best["mean_reward"]
-    notes = []
-    tied = [r["model"] for r in trained if r["mean_reward"] == reward]
-    if len(tied) > 1:
-        notes.append(f"tie between {_names(tied)} at {reward:.3f}: the earliest, {best['model']}, is kept")
-    iterations = [r for r in trained if r["model"] != "sft"]
-    if best["model"] == "sft":
-        notes.append("no iteration beat SFT" if iterations else "no iteration evaluated yet")
-    base = next((r for r in scored if r["model"] == "base"), None)
-    if base is not None and base["mean_reward"] > reward:
-        notes.append(f"the untrained base model scored higher ({base['mean_reward']:.3f})")
-    out = {"model": best["model"], "uri": ev.call(run).inputs["model_uri"], "mean_reward": reward}
-    return out, "; ".join(notes) or None
+    top, on, note = best(rows)
+    if top is None:
+        return None, note
+    ev = next(n for n in nodes if n.stage == "evaluate" and dict(n.params)["tag"] == top["model"])
+    return {"model": top["model"], "uri": ev.call(run).inputs["model_uri"], "mean_reward": top["mean_reward"], "val_mean_reward": top["val_mean_reward"], "chosen_on": on}, note
+
+
+def _experiment_report(args: argparse.Namespace, exp) -> int:
+    from ipr_core.experiment import expand, results
+    from ipr_core.report import experiment_table
+
+    res = results(exp, expand(exp))
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(experiment_table(res))
+    return 0 if any(r.get("test_reward") is not None for r in res["table"]) else 1
 
 
 def _report(args: argparse.Namespace) -> int:
+    from ipr_core.experiment import read_experiment
     from ipr_core.pipeline.summary import result_rows
     from ipr_core.report import iteration_table
+
+    exp = read_experiment(args.run)
+    if exp is not None:
+        return _experiment_report(args, exp)
 
     run, nodes = _run_nodes(_saved_config(args.run))
     rows = result_rows(run, nodes)
@@ -163,7 +186,8 @@ def _report(args: argparse.Namespace) -> int:
         return 1
     print(iteration_table(rows))
     if best is not None:
-        print(f"best: {best['model']} (mean reward {best['mean_reward']:.3f}) at {best['uri']}")
+        val = f", validation {best['val_mean_reward']:.3f}" if best["chosen_on"] == "val" else ""
+        print(f"best: {best['model']} (test mean reward {best['mean_reward']:.3f}{val}; chosen on {best['chosen_on']}) at {best['uri']}")
     if note:
         print(f"note: {note}")
     return 0

@@ -27,14 +27,14 @@ def _cell(row: Mapping, key: str, fmt: str, width: int = 0) -> str:
 
 
 def iteration_table(rows: Sequence[Mapping]) -> str:
-    """A plain-text table: model, held-out success rate and mean reward, pairs, losses."""
-    head = f"{'model':<10} {'success':>8} {'reward':>8} {'outcome pairs':>14} {'step pairs':>11} {'train loss':>11} {'steps':>11}"
+    """A plain-text table: model, test success rate and mean reward, validation reward, pairs, losses."""
+    head = f"{'model':<10} {'success':>8} {'reward':>8} {'val reward':>10} {'outcome pairs':>14} {'step pairs':>11} {'train loss':>11} {'steps':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(key, fmt):
             return _cell(r, key, fmt, int(fmt.rstrip("fd").split(".")[0]))
 
-        lines.append(f"{r['model']:<10} {f('success_rate', '8.3f')} {f('mean_reward', '8.3f')} {f('outcome_pairs', '14d')} {f('step_pairs', '11d')} {f('train_loss', '11.4f')} {r.get('train_steps') or '-':>11}")
+        lines.append(f"{r['model']:<10} {f('success_rate', '8.3f')} {f('mean_reward', '8.3f')} {f('val_mean_reward', '10.3f')} {f('outcome_pairs', '14d')} {f('step_pairs', '11d')} {f('train_loss', '11.4f')} {r.get('train_steps') or '-':>11}")
     notes = [f"note: {r['model']}: {r['note']}" for r in rows if r.get("note")]
     return "\n".join(lines + notes)
 
@@ -79,12 +79,12 @@ def plots(rows: Sequence[Mapping], expert_rewards: Sequence[float], agent_reward
 
 def markdown(run_name: str, rows: Sequence[Mapping], images: Mapping[str, str], best: str, links: Mapping[str, str]) -> str:
     """The run report; images are data: URIs so the UI page is self-contained."""
-    lines = [f"# IPR run `{run_name}`", "", f"Best model on held-out tasks: **{best}**", "", "| model | success | mean reward | outcome pairs | step pairs | train loss | train steps | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# IPR run `{run_name}`", "", f"Best model: **{best}**", "", "| model | test success | test mean reward | val success | val mean reward | outcome pairs | step pairs | train loss | train steps | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(key, fmt):
             return _cell(r, key, fmt)
 
-        lines.append(f"| {r['model']} | {f('success_rate', '.3f')} | {f('mean_reward', '.3f')} | {f('outcome_pairs', 'd')} | {f('step_pairs', 'd')} | {f('train_loss', '.4f')} | {r.get('train_steps') or '-'} | {r.get('note') or ''} |")
+        lines.append(f"| {r['model']} | {f('success_rate', '.3f')} | {f('mean_reward', '.3f')} | {f('val_success_rate', '.3f')} | {f('val_mean_reward', '.3f')} | {f('outcome_pairs', 'd')} | {f('step_pairs', 'd')} | {f('train_loss', '.4f')} | {r.get('train_steps') or '-'} | {r.get('note') or ''} |")
     lines.append("")
     for name, uri in images.items():
         lines += [f"![{name}]({uri})", ""]
@@ -107,3 +107,92 @@ def write_report(report_uri: str, run_name: str, rows: Sequence[Mapping], expert
     store.write_bytes(md_uri, md.encode())
     store.write_bytes(store.join(report_uri, "summary.json"), json.dumps({"run": run_name, "best": best, "rows": list(rows), "links": dict(links)}, indent=2).encode())
     return md, md_uri
+
+
+# --- experiments -----------------------------------------------------------------------
+
+
+def _iv(row: Mapping, key: str, digits: int = 3) -> str:
+    """'mean [lo, hi]', 'mean' without an interval, or '-'."""
+    v, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if not isinstance(v, (int, float)):
+        return "-"
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+        return f"{v:.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" if key == "delta" else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return f"{v:+.{digits}f}" if key == "delta" else f"{v:.{digits}f}"
+
+
+EXPERIMENT_COLUMNS = (("variant", "variant"), ("model", "model"), ("seeds", "seeds"), ("test_reward", "test reward"), ("test_success", "test success"), ("val_reward", "val reward"), ("delta", "test reward - baseline"), ("outcome_pairs", "outcome pairs"), ("step_pairs", "step pairs"))
+
+
+def _experiment_cells(row: Mapping) -> list[str]:
+    cells = []
+    for key, _ in EXPERIMENT_COLUMNS:
+        v = row.get(key)
+        if key in ("test_reward", "test_success", "val_reward", "delta"):
+            cells.append(_iv(row, key))
+        elif key in ("outcome_pairs", "step_pairs"):
+            cells.append(f"{v:.1f}" if isinstance(v, (int, float)) else "-")
+        else:
+            cells.append(str(v) + (f" ({row['chosen']})" if key == "model" and row.get("chosen") else ""))
+    return cells
+
+
+def experiment_table(res: Mapping) -> str:
+    """The experiment's variant x model table for a terminal (95% intervals in brackets)."""
+    rows = [[h for _, h in EXPERIMENT_COLUMNS]] + [_experiment_cells(r) for r in res["table"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    cost = [f"{v}: {c['mc_rollouts'] or 0:.0f} MC rollouts, {c['wall_s'] or 0:.0f} s of stages per run" for v, c in res["cost"].items()]
+    return "\n".join(lines + ["", f"baseline: {res['baseline']}; best = chosen per seed on the {'/'.join(res['chosen_on'])} tasks, test numbers reported", *cost])
+
+
+def experiment_plot(res: Mapping) -> bytes:
+    """Test mean reward per iteration per variant (mean over seeds, 95% band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for variant in dict.fromkeys(r["variant"] for r in res["table"]):
+        rows = [r for r in res["table"] if r["variant"] == variant and r["model"] not in ("base", "best") and r.get("test_reward") is not None]
+        xs = [0 if r["model"] == "sft" else int(r["model"].split("-")[1]) for r in rows]
+        ys = [r["test_reward"] for r in rows]
+        ax.plot(xs, ys, marker="o", label=variant)
+        if all(r.get("test_reward_lo") is not None for r in rows):
+            ax.fill_between(xs, [r["test_reward_lo"] for r in rows], [r["test_reward_hi"] for r in rows], alpha=0.15)
+    ax.set_xlabel("iteration (0 = SFT)")
+    ax.set_ylabel("test mean reward")
+    ax.set_title(f"{res['experiment']}: mean over {len(res['seeds'])} seeds, 95% interval")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def experiment_markdown(res: Mapping, image: str, command: str | None = None) -> str:
+    heads = [h for _, h in EXPERIMENT_COLUMNS]
+    lines = [f"# Experiment `{res['experiment']}`", "", f"Seeds: {', '.join(map(str, res['seeds']))}. Baseline: `{res['baseline']}`. "
+             f"Intervals are 95%: over seeds (t) for the reward and success columns; a paired bootstrap over tasks for the difference to the baseline's best model on the same tasks and seed. "
+             f"`best` is the model chosen per seed on the {'/'.join(res['chosen_on'])} tasks (in brackets); its test numbers are reported.", ""]  # fmt: skip
+    if command:
+        lines += [f"Reproduce: `{command}`", ""]
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join(_experiment_cells(r)) + " |" for r in res["table"]]
+    lines += ["", "| variant | MC rollouts per run | stage wall time per run (s) | computed in the variant's own runs (s) |", "|---|---|---|---|"]
+    lines += [f"| {v} | {c['mc_rollouts'] or 0:.0f} | {c['wall_s'] or 0:.0f} | {c['computed_wall_s'] or 0:.0f} |" for v, c in res["cost"].items()]
+    return "\n".join(lines + ["", f"![reward per iteration]({image})", ""])
+
+
+def write_experiment_report(folder: str, res: Mapping, command: str | None = None) -> tuple[str, str]:
+    """report/report.md, report/reward_per_iteration.png and report/results.json in the experiment folder."""
+    png = experiment_plot(res)
+    out = store.join(folder, "report")
+    store.write_bytes(store.join(out, "reward_per_iteration.png"), png)
+    md = experiment_markdown(res, data_uri(png), command)
+    store.write_bytes(store.join(out, "report.md"), md.encode())
+    store.write_bytes(store.join(out, "results.json"), json.dumps(res, indent=2, default=str).encode())
+    return md, store.join(out, "report.md")

@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli")
     partial = load_config(None, [*TINY, f"storage.root={root}", "run_name=partial"])
-    run_local(partial, until="eval/sft")
+    run_local(partial, until="eval/test/sft")
     full = partial.model_copy(update={"run_name": "full"})
     run_local(full)  # copies partial's stages, computes the rest
     return run_uri(partial), run_uri(full)
@@ -92,10 +92,10 @@ def test_status_json(runs):
     assert data["complete"] == sum(s["done"] for s in data["stages"]) < data["total"]
     by = {s["key"]: s for s in data["stages"]}
     assert all(set(s) == {"stage", "key", "uri", "done", "rows"} for s in data["stages"])
-    assert by["eval/sft"]["done"] and by["eval/sft"]["rows"] == 2 and by["eval/sft"]["uri"] == f"{partial}/eval/sft"
+    assert by["eval/test/sft"]["done"] and by["eval/test/sft"]["rows"] == 2 and by["eval/test/sft"]["uri"] == f"{partial}/eval/test/sft"
     assert by["sft/model"]["done"] and by["sft/model"]["rows"] is None  # a checkpoint has no rows
     assert not by["iter-01/model"]["done"] and by["iter-01/model"]["rows"] is None
-    assert by["eval/iter-01"]["stage"] == "evaluate" and not by["eval/iter-01"]["done"]
+    assert by["eval/test/iter-01"]["stage"] == "evaluate" and not by["eval/test/iter-01"]["done"]
 
 
 def test_status_of_a_complete_run_exits_0(runs):

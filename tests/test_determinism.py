@@ -41,7 +41,7 @@ def test_same_config_and_seed_give_identical_artifacts(tmp_path):
         run_local(cfg)
         runs.append(run_uri(cfg))
     a, b = (_digests(r) for r in runs)
-    assert {"sft/model", "iter-01/model", "eval/sft", "eval/iter-01"} <= set(a)
+    assert {"sft/model", "iter-01/model", "eval/test/sft", "eval/test/iter-01"} <= set(a)
     assert set(a) == set(b)
     assert {k for k in a if a[k] != b[k]} == set()
     for run in runs:  # no cap: every training stage ran exactly its planned steps

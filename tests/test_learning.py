@@ -35,7 +35,7 @@ def test_sft_beats_untrained_and_one_iteration_trains(tmp_path):
     def meta(key: str) -> dict:
         return dict(store.read_manifest(store.join(run, key)).meta)
 
-    base_eval, sft_eval = meta("eval/base"), meta("eval/sft")
+    base_eval, sft_eval = meta("eval/test/base"), meta("eval/test/sft")
     assert sft_eval["success_rate"] > base_eval["success_rate"], (base_eval, sft_eval)
     assert sft_eval["success_rate"] >= 0.2, sft_eval
     pairs = meta("iter-01/pairs")

@@ -80,7 +80,7 @@ def test_mc_rollouts_recompute_mc_but_not_exploration(first_run):
     computed = _computed_since(run_uri(changed), t0)
     assert {"scorer/expert_mc/shard-000", "scorer/expert_mc/shard-001", "iter-01/agent_mc/shard-000", "scorer/expert_rewards"} <= computed
     assert not any("explore" in k for k in computed), computed
-    assert not computed & {"experts/train", "sft/model", "base/model", "eval/sft", "tasks/eval"}
+    assert not computed & {"experts/train", "sft/model", "base/model", "eval/test/sft", "tasks/test"}
     again = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", run_uri(third), "explore"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("up to date") == 2, again.stdout
 

@@ -15,7 +15,7 @@ from ipr_core import store
 from ipr_core.config import IPRConfig
 from ipr_core.pipeline.runner import Call
 from ipr_core.pipeline.stage import Stage
-from ipr_core.pipeline.stages import STAGES, ipr_experts, n_shards, read_trajectories
+from ipr_core.pipeline.stages import SPLITS, STAGES, ipr_experts, n_shards, read_trajectories
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,25 @@ def shard_count(cfg: IPRConfig, experts_uri: str) -> int:
     return n_shards(cfg.mc.shard_size, len(ipr_experts(cfg, read_trajectories(experts_uri))))
 
 
+def task_lists(cfg: IPRConfig) -> list[Node]:
+    """The held-out task lists: test (reported) and, when env.val_tasks > 0, val (selects the best)."""
+    return [node("eval-tasks", split=s) for s in SPLITS if s == "test" or cfg.env.val_tasks > 0]
+
+
+def evaluations(model: Node, tasks: Sequence[Node], tag: str, iteration: int) -> list[Node]:
+    """A model's evaluations, one per task list (test first)."""
+    return [node("evaluate", model_uri=model, tasks_uri=t, tag=tag, iteration=iteration, split=dict(t.params)["split"]) for t in tasks]
+
+
 def prologue(cfg: IPRConfig, shards: int) -> list[Node]:
     """Experts, base model, SFT, expert MC (once: the scorer is fixed) and the base/SFT evaluations."""
-    experts, tasks = node("experts"), node("eval-tasks")
+    experts, tasks = node("experts"), task_lists(cfg)
     base = node("base-model", experts_uri=experts)
     sft = node("sft", base_uri=base, experts_uri=experts)
-    evals = [node("evaluate", model_uri=base, tasks_uri=tasks, tag="base", iteration=-1)] if cfg.pipeline.eval_base else []
-    evals.append(node("evaluate", model_uri=sft, tasks_uri=tasks, tag="sft", iteration=0))
+    evals = evaluations(base, tasks, "base", -1) if cfg.pipeline.eval_base else []
+    evals += evaluations(sft, tasks, "sft", 0)
     mc = [node("expert-mc", scorer_uri=sft, experts_uri=experts, shard=s) for s in range(shards)]
-    return [experts, tasks, base, sft, *evals, *mc, node("expert-rewards", experts_uri=experts, mc_uris=mc)]
+    return [experts, *tasks, base, sft, *evals, *mc, node("expert-rewards", experts_uri=experts, mc_uris=mc)]
 
 
 def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node], policy: Node) -> list[Node]:
@@ -83,7 +93,13 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
     pairs = node("pairs", experts_uri=experts, branches_uris=explore, expert_rewards_uri=by["expert-rewards"], agent_rewards_uri=rewards, iteration=k)
     reference = sft if cfg.training.ipr.reference == "sft" else policy
     model = node("train", policy_uri=policy, reference_uri=reference, pairs_uri=pairs, experts_uri=experts, iteration=k)
-    return [*explore, *mc, rewards, pairs, model, node("evaluate", model_uri=model, tasks_uri=by["eval-tasks"], tag=f"iter-{k:02d}", iteration=k)]
+    tasks = [n for n in prologue_nodes if n.stage == "eval-tasks"]
+    return [*explore, *mc, rewards, pairs, model, *evaluations(model, tasks, f"iter-{k:02d}", k)]
+
+
+def trained(nodes: Sequence[Node]) -> Node:
+    """The model an iteration's nodes train."""
+    return next(n for n in nodes if n.stage == "train")
 
 
 def plan(cfg: IPRConfig, shards: int) -> list[Node]:
@@ -93,7 +109,7 @@ def plan(cfg: IPRConfig, shards: int) -> list[Node]:
     for k in range(1, cfg.pipeline.iterations + 1):
         it = iteration(cfg, k, shards, nodes, policy)
         nodes += it
-        policy = next(n for n in it if n.stage == "train")
+        policy = trained(it)
     return nodes
 
 

@@ -126,10 +126,15 @@ def collect_experts(ctx: Context) -> Rows:
     return Rows([t.to_row() for t in trajs], {"successes": ok})
 
 
-@stage("eval-tasks", path="tasks/eval", kind="tasks", reads=("seed", *ENV, "env.eval_split", "env.eval_tasks"))
-def eval_tasks(ctx: Context) -> Rows:
-    """The held-out task list."""
-    return Rows([t.to_row() for t in _list_tasks(ctx.cfg, ctx.cfg.env.eval_split, ctx.cfg.env.eval_tasks)])
+SPLITS = ("test", "val")  # the held-out task lists: test (reported), val (selects the best iteration)
+
+
+@stage("eval-tasks", path="tasks/{split}", kind="tasks", reads=("seed", *ENV, "env.eval_split", "env.eval_tasks", "env.val_split", "env.val_tasks"))
+def eval_tasks(ctx: Context, split: str) -> Rows:
+    """A held-out task list: ``split`` is ``test`` (env.eval_split) or ``val`` (env.val_split)."""
+    e = ctx.cfg.env
+    name, n = (e.eval_split, e.eval_tasks) if split == "test" else (e.val_split, e.val_tasks)
+    return Rows([t.to_row() for t in _list_tasks(ctx.cfg, name, n)], {"split": name})
 
 
 @stage("base-model", path="base/model", kind="checkpoint", reads=("seed", "model.base", "model.tiny"))
@@ -162,9 +167,9 @@ def sft(ctx: Context, base_uri: str, experts_uri: str) -> Folder:
     return Folder(ctx.workdir, result.summary())
 
 
-@stage("evaluate", path="eval/{tag}", kind="eval", reads=("seed", *EPISODES, "sampling.explore_temperature"), cost=EPISODE_COST)
-def evaluate(ctx: Context, model_uri: str, tasks_uri: str, tag: str, iteration: int) -> Rows:
-    """Greedy episodes on the held-out tasks: one row per task."""
+@stage("evaluate", path="eval/{split}/{tag}", kind="eval", reads=("seed", *EPISODES, "sampling.explore_temperature"), cost=EPISODE_COST)
+def evaluate(ctx: Context, model_uri: str, tasks_uri: str, tag: str, iteration: int, split: str) -> Rows:
+    """Greedy episodes on held-out tasks (``split``: test or val): one row per task."""
     tasks = [Task.from_row(r) for r in store.read_rows(tasks_uri, "tasks")]
     eps = _episodes(ctx, model_uri, ipr.eval_specs(tasks, ctx.cfg.seed, tag), ctx.cfg.sampling.explore_temperature)
     rows = ipr.eval_rows(eps, tag, iteration)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from ipr_core import store
 from ipr_core.pipeline.dag import Node
 
-COLUMNS = ("model", "success_rate", "mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_step_reward_mean", "explore_mc_s", "pairs_s", "train_s", "eval_s", "note")
+COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_step_reward_mean", "explore_mc_s", "pairs_s", "train_s", "eval_s", "note")
 # Which stages' wall time each time column sums.
 TIMES = {"explore_mc_s": ("explore", "agent-mc", "agent-rewards"), "pairs_s": ("pairs",), "train_s": ("train",), "eval_s": ("evaluate",)}
 
@@ -38,14 +38,22 @@ def _training(ms: dict, n: Node | None) -> dict[str, Any]:
     return {"train_steps": f"{steps}/{planned}", "note": f"{n.stage} cut by its time cap at {steps}/{planned} steps" if cut else None}
 
 
+def _split(n: Node) -> str:
+    return dict(n.params)["split"]
+
+
 def model_row(run: str, ev: Node, nodes: Sequence[Node]) -> dict[str, Any]:
-    """The row of the model that ``ev`` (an evaluate node) evaluated; every row has every column."""
+    """The row of the model that ``ev`` (a test evaluate node) evaluated, with its
+    validation numbers where it has a val evaluation; every row has every column."""
     k = ev.iteration
-    trainer = next((n for n in nodes if n.key == dict(ev.inputs)["model_uri"] and n.stage in ("sft", "train")), None)
+    model = dict(ev.inputs)["model_uri"]
+    trainer = next((n for n in nodes if n.key == model and n.stage in ("sft", "train")), None)
+    val = next((n for n in nodes if n.stage == "evaluate" and _split(n) == "val" and dict(n.inputs)["model_uri"] == model), None)
     it = [n for n in nodes if n.iteration == k] if k is not None and k >= 1 else []
-    ms = _manifests(run, [ev, trainer, *it])
+    ms = _manifests(run, [ev, val, trainer, *it])
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(model=dict(ev.params)["tag"], success_rate=_meta(ms, ev, "success_rate"), mean_reward=_meta(ms, ev, "mean_reward"))
+    row.update(val_success_rate=_meta(ms, val, "success_rate"), val_mean_reward=_meta(ms, val, "mean_reward"))
     row.update(_training(ms, trainer))
     if it:
         by = {n.stage: n for n in it}
@@ -56,5 +64,37 @@ def model_row(run: str, ev: Node, nodes: Sequence[Node]) -> dict[str, Any]:
 
 
 def result_rows(run: str, nodes: Sequence[Node]) -> list[dict[str, Any]]:
-    """One row per evaluated model (base, sft, iter-01, ...), in DAG order; unevaluated models are left out."""
-    return [model_row(run, n, nodes) for n in nodes if n.stage == "evaluate" and store.exists(store.join(run, n.key))]
+    """One row per model evaluated on the test tasks (base, sft, iter-01, ...), in DAG order."""
+    return [model_row(run, n, nodes) for n in nodes if n.stage == "evaluate" and _split(n) == "test" and store.exists(store.join(run, n.key))]
+
+
+def _names(models: Sequence[str]) -> str:
+    return models[0] if len(models) == 1 else f"{', '.join(models[:-1])} and {models[-1]}"
+
+
+def best(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str, str | None]:
+    """The best model of ``rows``, the split it was chosen on, and a note (or None).
+
+    SFT and the iterations compete (the untrained base does not). The highest
+    validation mean reward wins where the run has validation tasks (the test
+    number is then reported, not selected on); otherwise the highest test mean
+    reward, and the note says so. On a tie the earliest is kept."""
+    on = "val" if any(isinstance(r.get("val_mean_reward"), (int, float)) for r in rows) else "test"
+    key = "val_mean_reward" if on == "val" else "mean_reward"
+    trained = [r for r in rows if r["model"] != "base" and isinstance(r.get(key), (int, float))]
+    if not trained:
+        return None, on, "no trained model evaluated yet"
+    top = trained[0]
+    for r in trained[1:]:
+        if r[key] > top[key]:
+            top = r
+    notes = [] if on == "val" else ["chosen on the test tasks: the run has no validation tasks (env.val_tasks=0)"]
+    tied = [r["model"] for r in trained if r[key] == top[key]]
+    if len(tied) > 1:
+        notes.append(f"tie between {_names(tied)} at {top[key]:.3f} ({on}): the earliest, {top['model']}, is kept")
+    if top["model"] == "sft":
+        notes.append("no iteration beat SFT" if len(trained) > 1 else "no iteration evaluated yet")
+    base = next((r for r in rows if r["model"] == "base" and isinstance(r.get(key), (int, float))), None)
+    if base is not None and base[key] > top[key]:
+        notes.append(f"the untrained base model scored higher ({base[key]:.3f}, {on})")
+    return top, on, "; ".join(notes) or None
