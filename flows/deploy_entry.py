@@ -17,3 +17,16 @@ def ipr_from_config(config_path: str = "configs/demo.yaml", overrides: list[str]
     """Load a YAML config (+ key.path=value overrides) and run the IPR pipeline."""
     cfg = load_config(config_path, overrides or [])
     return ipr_pipeline.with_options(task_runner=task_runner(cfg))(cfg)
+
+
+@flow(name="ipr-experiment-from-file", log_prints=True)
+def ipr_experiment_from_file(experiment_path: str = "configs/experiment-gotoobj.yaml", overrides: list[str] | None = None) -> dict:
+    """Load an experiment YAML (+ overrides for every run) and run the ``ipr-experiment`` flow."""
+    from flows.ipr_experiment import ipr_experiment
+    from ipr_core.experiment import expand, load_experiment
+    from ipr_core.pipeline import check
+
+    exp = load_experiment(experiment_path, overrides or [])
+    for r in expand(exp):
+        check(r.cfg)
+    return ipr_experiment(exp.model_dump(mode="json"), f"ipr experiment -c {experiment_path}")

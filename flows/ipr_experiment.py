@@ -16,7 +16,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from ipr_core import report as rep
-from ipr_core.experiment import expand, experiment_from_json, experiment_uri, results, save_experiment
+from ipr_core import store
+from ipr_core.audit import run_audit
+from ipr_core.experiment import audited, expand, experiment_from_json, experiment_uri, results, save_experiment
 from ipr_core.pipeline import check
 from flows.ipr_pipeline import artifact_key, ipr_pipeline, task_runner
 
@@ -39,6 +41,10 @@ def ipr_experiment(experiment: dict, command: str | None = None) -> dict:
     for i, r in enumerate(runs, 1):
         logger.info("experiment %s: run %d/%d: %s (seed %d)", exp.name, i, len(runs), r.variant, r.seed)
         ipr_pipeline.with_options(task_runner=task_runner(r.cfg))(r.cfg)
+    for r in audited(exp, runs):
+        if store.read_manifest(store.join(r.uri, "audit", "iter-01")) is None:  # done once; a rerun keeps it
+            logger.info("step-reward audit of %s: %d reference rollouts per step, %d step pairs", r.uri, exp.audit_rollouts, exp.audit_sample)
+            run_audit(r.cfg, r.uri, 1, exp.audit_rollouts, exp.audit_sample)
     res = results(exp, runs)
     md, md_uri = rep.write_experiment_report(experiment_uri(exp), res, command)
     create_markdown_artifact(md, key=artifact_key(exp.name, "experiment-report"), description=f"Experiment report ({md_uri})")

@@ -43,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.add_argument("run", help="the run folder, or an experiment folder (its variant x model table with intervals)")
     report.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     report.set_defaults(func=_report)
+    audit = sub.add_parser("audit", help="check a run's MC step rewards against a large-N reference", description="Re-estimate, with the run's SFT scorer and many rollouts, the expert's and the agent's step rewards at a sample of shared prefixes of one iteration; print the mean absolute error of the run's estimates and how often they order expert vs agent as the reference does. Writes RUN/audit/iter-NN.")
+    audit.add_argument("run", help="the run folder (finished through the iteration's agent step rewards)")
+    audit.add_argument("--iteration", type=int, default=1, help="which iteration's branches (default 1)")
+    audit.add_argument("--rollouts", type=int, default=32, help="reference rollouts per step (default 32)")
+    audit.add_argument("--sample", type=int, default=32, help="expert/agent step pairs to re-estimate (default 32)")
+    audit.add_argument("--json", action="store_true", help="print the summary as JSON")
+    audit.set_defaults(func=_audit)
     explain = sub.add_parser("explain", help="say why each stage of a run would (or would not) be recomputed", description="Compare what each stage would read now (the run's saved config, or -c/--set) with what its artifact was made from: changed config reads, input contents, code version.")
     explain.add_argument("run", help="the run folder")
     explain.add_argument("stage", nargs="?", help="a stage name (e.g. explore) or artifact path (e.g. iter-01/explore/shard-000); default: all")
@@ -190,6 +197,27 @@ def _report(args: argparse.Namespace) -> int:
         print(f"best: {best['model']} (test mean reward {best['mean_reward']:.3f}{val}; chosen on {best['chosen_on']}) at {best['uri']}")
     if note:
         print(f"note: {note}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from ipr_core.audit import run_audit
+
+    if args.rollouts < 1 or args.sample < 1 or args.iteration < 1:
+        raise ValueError("--rollouts, --sample and --iteration must be at least 1")
+    cfg = _saved_config(args.run)
+    from ipr_core.pipeline import run_uri
+
+    uri, meta = run_audit(cfg, run_uri(cfg), args.iteration, args.rollouts, args.sample)
+    if args.json:
+        print(json.dumps({"audit": uri, **meta}, indent=2))
+        return 0
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    print(f"audit: {uri}")
+    print(f"{meta['candidates']} expert/agent step pairs, N={meta['n']} against N={meta['n_reference']} ({meta['rollouts']} reference rollouts)")
+    print(f"mean absolute error of the step rewards: {fmt(meta['mae'])}")
+    print(f"direction agreement (expert vs agent) where the reference orders them: {fmt(meta['direction_agreement'])} of {meta['ordered']}")
+    print(f"step pairs over tau_s={meta['tau_step']}: {meta['over_tau']}, direction confirmed by the reference: {fmt(meta['over_tau_confirmed'])}")
     return 0
 
 

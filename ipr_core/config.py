@@ -189,16 +189,18 @@ class IPRConfig(_Section):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+def _format_validation_error(err: ValidationError, source: str, what: str = "config") -> str:
+    """The first problem on the first line (the CLI's one-line error), any others below it."""
+    lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         value = e.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  {loc}: {e['msg']} (got {shown})")
-    return "\n".join(lines)
+        lines.append(f"{loc}: {e['msg']} (got {shown})")
+    more = f" (and {len(lines) - 1} more below)" if len(lines) > 1 else ""
+    return "\n".join([f"invalid {what} ({source}): {lines[0]}{more}", *(f"  {x}" for x in lines[1:])])
 
 
 def _parse_value(text: str) -> Any:

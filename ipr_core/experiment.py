@@ -57,6 +57,8 @@ class ExperimentConfig(BaseModel):
     variants: dict[str, list[str] | None] = Field(..., min_length=1, description="Variant name -> its overrides (null or [] = the base config; a name from PAPER_VARIANTS with null takes the paper's).")
     baseline: str | None = Field(None, description="Variant the paired bootstrap compares against (default: sft if present, else the first).")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the paired interval over tasks.")
+    audit_rollouts: int = Field(0, ge=0, description="Step-reward audit (ipr_core/audit.py): reference rollouts per step, 0 = no audit. Run per seed on iteration 1 of the first variant that has one.")
+    audit_sample: int = Field(32, ge=1, description="Expert/agent step pairs the audit re-estimates per seed.")
 
     @field_validator("variants")
     @classmethod
@@ -123,7 +125,7 @@ def experiment_from_json(data: Any, source: str = "parameters") -> ExperimentCon
     try:
         return ExperimentConfig.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source).replace("invalid config", "invalid experiment")) from None
+        raise ConfigError(_format_validation_error(e, source, "experiment")) from None
 
 
 def experiment_uri(exp: ExperimentConfig) -> str:
@@ -146,6 +148,18 @@ def expand(exp: ExperimentConfig) -> list[ExpRun]:
                 raise ConfigError(f"variant {variant!r}: {e}") from None
             runs.append(ExpRun(variant, seed, cfg))
     return runs
+
+
+def audited(exp: ExperimentConfig, runs: Sequence[ExpRun]) -> list[ExpRun]:
+    """The runs the audit covers: per seed, the first with an iteration (iteration 1
+    explores with the SFT model in every variant, so any one of them stands for all)."""
+    if not exp.audit_rollouts:
+        return []
+    out = {}
+    for r in runs:
+        if r.cfg.pipeline.iterations >= 1:
+            out.setdefault(r.seed, r)
+    return list(out.values())
 
 
 def save_experiment(exp: ExperimentConfig) -> str:
@@ -179,9 +193,10 @@ def _cost(run: str, nodes) -> dict[str, Any]:
     ms = [store.read_manifest(store.join(run, n.key)) for n in nodes]
     done = [m for m in ms if m is not None]
     rollouts = sum(int(m.meta.get("rollouts", 0)) for m in done if m.kind == "mc_rollouts")
+    tokens = sum(int(m.meta.get("generated_tokens", 0)) for m in done)
     wall = sum(m.timings.get("wall_s", 0.0) for m in done)
     own = sum(m.timings.get("wall_s", 0.0) for m in done if m.origin == "computed")
-    return {"mc_rollouts": rollouts, "wall_s": round(wall, 1), "computed_wall_s": round(own, 1)}
+    return {"mc_rollouts": rollouts, "generated_tokens": tokens, "wall_s": round(wall, 1), "computed_wall_s": round(own, 1)}
 
 
 def run_results(r: ExpRun) -> dict[str, Any]:
@@ -254,6 +269,11 @@ def results(exp: ExperimentConfig, runs: Sequence[ExpRun]) -> dict[str, Any]:
         for m in models:
             table.append(_row(variant, m, mine, base, lambda r, m=m: m, exp.bootstrap))
         table.append(_row(variant, "best", mine, base, lambda r: r["best"], exp.bootstrap))
-        cost[variant] = {k: _mean([r["cost"][k] for r in mine]) for k in ("mc_rollouts", "wall_s", "computed_wall_s")}
+        cost[variant] = {k: _mean([r["cost"][k] for r in mine]) for k in ("mc_rollouts", "generated_tokens", "wall_s", "computed_wall_s")}
     chosen_on = sorted({r["chosen_on"] for r in per})
-    return {"experiment": exp.name, "baseline": baseline, "seeds": exp.seeds, "table": table, "cost": cost, "runs": per, "chosen_on": chosen_on}
+    audits = {}
+    for r in runs:
+        m = store.read_manifest(store.join(r.uri, "audit", "iter-01"))
+        if m is not None:
+            audits[f"{r.variant}-s{r.seed}"] = dict(m.meta)
+    return {"experiment": exp.name, "baseline": baseline, "seeds": exp.seeds, "table": table, "cost": cost, "runs": per, "chosen_on": chosen_on, "audit": audits}

@@ -171,6 +171,22 @@ SCHEMAS: dict[str, ArtifactSchema] = {
             ),
             "Scalar training/evaluation metrics.",
         ),
+        ArtifactSchema(
+            "audit",
+            1,
+            _s(
+                ("branch_id", pa.string(), False),  # the agent branch whose step j+1 is compared with the expert's
+                ("task_id", pa.string(), False),
+                ("step", pa.int32(), False),
+                ("expert_estimate", pa.float64(), False),  # the run's MC estimates (configured N)
+                ("agent_estimate", pa.float64(), False),
+                ("expert_reference", pa.float64(), False),  # independent estimates with the audit's large N
+                ("agent_reference", pa.float64(), False),
+                ("n", pa.int32(), False),
+                ("n_reference", pa.int32(), False),
+            ),
+            "Step-reward audit: MC estimates against a large-N reference, per expert/agent step pair.",
+        ),
     ]
 }
 

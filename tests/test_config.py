@@ -68,5 +68,10 @@ def test_cross_field_check():
 def test_shipped_configs_validate():
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert files, "configs/*.yaml missing"
+    from ipr_core.experiment import expand, load_experiment
+
     for f in files:
-        assert isinstance(load_config(f), IPRConfig)
+        if f.name.startswith("experiment"):  # an experiment file: each of its runs' configs validates
+            assert all(isinstance(r.cfg, IPRConfig) for r in expand(load_experiment(f)))
+        else:
+            assert isinstance(load_config(f), IPRConfig)

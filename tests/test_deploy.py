@@ -43,4 +43,7 @@ def test_deploy_and_worker_run(prefect_server, tmp_path):  # noqa: F811
     deps = json.loads(urllib.request.urlopen(urllib.request.Request(f"{api}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"}), timeout=30).read())
     nightly = next(d for d in deps if d["name"] == "nightly")
     assert any(s["schedule"].get("cron") == "0 2 * * *" for s in nightly["schedules"])
+    experiment = next(d for d in deps if d["name"] == "experiment-gotoobj")
+    assert experiment["entrypoint"] == "flows/deploy_entry.py:ipr_experiment_from_file"
+    assert experiment["parameters"]["experiment_path"] == "configs/experiment-gotoobj.yaml"
     assert (tmp_path / "artifacts" / "deployed" / "iter-01" / "model" / "_MANIFEST.json").exists()

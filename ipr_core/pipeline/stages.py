@@ -54,17 +54,20 @@ def _sampling(cfg, temperature: float) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
 
 
-def _episodes(ctx: Context, model_uri: str, specs, temperature: float) -> list[Trajectory]:
-    """Play ``specs`` with the model at ``model_uri`` through the lock-step runner."""
+def _episodes(ctx: Context, model_uri: str, specs, temperature: float) -> tuple[list[Trajectory], dict[str, int]]:
+    """Play ``specs`` with the model at ``model_uri`` through the lock-step runner;
+    also what it cost (generated tokens, where the backend counts them) for the manifest."""
     if not specs:
-        return []
+        return [], {}
     cfg = ctx.cfg
     policy = _policy(cfg, model_uri)
     try:
-        return ipr.run_specs(
+        eps = ipr.run_specs(
             _env_factory(cfg), policy, specs, _sampling(cfg, temperature), history=cfg.sampling.history_turns,
             workers=cfg.env.workers, batch_size=cfg.sampling.batch_size, concurrency=cfg.env.concurrency, progress=ctx.label,
         )  # fmt: skip
+        stats = getattr(policy, "stats", None)
+        return eps, ({"generated_tokens": int(stats.generated_tokens)} if stats is not None else {})
     finally:
         close = getattr(policy, "close", None)
         if close:
@@ -171,15 +174,16 @@ def sft(ctx: Context, base_uri: str, experts_uri: str) -> Folder:
 def evaluate(ctx: Context, model_uri: str, tasks_uri: str, tag: str, iteration: int, split: str) -> Rows:
     """Greedy episodes on held-out tasks (``split``: test or val): one row per task."""
     tasks = [Task.from_row(r) for r in store.read_rows(tasks_uri, "tasks")]
-    eps = _episodes(ctx, model_uri, ipr.eval_specs(tasks, ctx.cfg.seed, tag), ctx.cfg.sampling.explore_temperature)
+    eps, cost = _episodes(ctx, model_uri, ipr.eval_specs(tasks, ctx.cfg.seed, tag), ctx.cfg.sampling.explore_temperature)
     rows = ipr.eval_rows(eps, tag, iteration)
-    return Rows(rows, ipr.summarize_eval(rows))
+    return Rows(rows, {**ipr.summarize_eval(rows), **cost})
 
 
 def _mc(ctx: Context, scorer_uri: str, targets) -> Rows:
     specs = ipr.mc_specs(targets, ctx.cfg.mc.n_rollouts, ctx.cfg.seed)
-    rows = ipr.mc_rollout_rows(_episodes(ctx, scorer_uri, specs, ctx.cfg.mc.temperature))
-    return Rows(rows, {"targets": len(targets), "rollouts": len(rows)})
+    eps, cost = _episodes(ctx, scorer_uri, specs, ctx.cfg.mc.temperature)
+    rows = ipr.mc_rollout_rows(eps)
+    return Rows(rows, {"targets": len(targets), "rollouts": len(rows), **cost})
 
 
 MC = ("seed", *EPISODES, "mc.n_rollouts", "mc.temperature")
@@ -219,8 +223,9 @@ def agent_rewards(ctx: Context, branches_uris: list[str], mc_uris: list[str], it
 def explore(ctx: Context, policy_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
     """Stage 2: the current policy continues greedily from every expert prefix e_{1:j}."""
     specs = ipr.explore_specs(_shard(ctx.cfg, experts_uri, shard), iteration, ctx.cfg.seed)
-    rows = ipr.branch_rows(_episodes(ctx, policy_uri, specs, ctx.cfg.sampling.explore_temperature), iteration)
-    return Rows(rows, {"branches": len(rows)})
+    eps, cost = _episodes(ctx, policy_uri, specs, ctx.cfg.sampling.explore_temperature)
+    rows = ipr.branch_rows(eps, iteration)
+    return Rows(rows, {"branches": len(rows), **cost})
 
 
 @stage("pairs", path="iter-{iteration:02d}/pairs", kind="pairs", reads=(*TRAIN_SET, "pairs"))
