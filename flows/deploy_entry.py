@@ -6,16 +6,29 @@ config in the pulled project, with per-deployment overrides.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from prefect import flow
 
 from flows.ipr_pipeline import ipr_pipeline, task_runner
-from ipr_core.config import load_config
+from ipr_core.config import ConfigError, load_config
+
+
+def _file(path: str, what: str) -> str:
+    """``path`` (relative to the run's working directory, the checkout) or a ConfigError
+    naming it and IPR_FLOW_HOME, before any work."""
+    if Path(path).is_file():
+        return path
+    home = os.environ.get("IPR_FLOW_HOME")
+    hint = f"IPR_FLOW_HOME={home}" if home else "IPR_FLOW_HOME is not set"
+    raise ConfigError(f"{what} {path!r} not found in the run's working directory {os.getcwd()} ({hint}; deployments run from the ipr-flow checkout that IPR_FLOW_HOME names: export it before `prefect deploy` or on the worker)")
 
 
 @flow(name="ipr-from-config", log_prints=True)
 def ipr_from_config(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict:
     """Load a YAML config (+ key.path=value overrides) and run the IPR pipeline."""
-    cfg = load_config(config_path, overrides or [])
+    cfg = load_config(_file(config_path, "config_path"), overrides or [])
     return ipr_pipeline.with_options(task_runner=task_runner(cfg))(cfg)
 
 
@@ -26,7 +39,7 @@ def ipr_experiment_from_file(experiment_path: str = "configs/experiment-gotoobj.
     from ipr_core.experiment import expand, load_experiment
     from ipr_core.pipeline import check
 
-    exp = load_experiment(experiment_path, overrides or [])
+    exp = load_experiment(_file(experiment_path, "experiment_path"), overrides or [])
     for r in expand(exp):
         check(r.cfg)
     return ipr_experiment(exp.model_dump(mode="json"), f"ipr experiment -c {experiment_path}")

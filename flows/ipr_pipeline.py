@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from ipr_core import report as rep
 from ipr_core import store
@@ -184,7 +185,10 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     tick("report")
     table = rep.iteration_table(rows)
     get_run_logger().info("per-iteration results:\n%s", table)
-    return {"run": st.run, "rows": rows, "best": best[0], "best_model": best[1], "chosen_on": on, "best_note": note, "table": table, "report": md_uri, "executed": computed}
+    out = {"run": st.run, "rows": rows, "best": best[0], "best_model": best[1], "chosen_on": on, "best_note": note, "table": table, "report": md_uri, "executed": computed}
+    # The run's final state message, what the UI shows beside "Completed": the winner and every flag.
+    flags = [f"{r['model']}: {r['note']}" for r in rows if r.get("note")]
+    return Completed(message="; ".join([f"best: {best_text(best)}", *flags]), data=out)
 
 
 def task_runner(cfg: IPRConfig):

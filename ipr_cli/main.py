@@ -57,7 +57,7 @@ def _run(argv: list[str] | None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(_RunFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    for noisy in ("httpx", "httpcore", "urllib3", "distributed"):
+    for noisy in ("httpx", "httpcore", "urllib3", "distributed", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # per-request lines drown the run's own
     from ipr_core.schemas import SchemaError
     from ipr_core.store import StoreError

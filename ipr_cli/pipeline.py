@@ -1,4 +1,4 @@
-"""`ipr run`, `ipr resume`, `ipr status`, `ipr report`, `ipr explain`: the pipeline from the shell."""
+"""`ipr run`, `ipr experiment`, `ipr resume`, `ipr status`, `ipr report`, `ipr audit`, `ipr explain`: the pipeline from the shell."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from ipr_core import store
-from ipr_core.config import IPRConfig, config_from_json, load_config
+from ipr_core.config import ConfigError, IPRConfig, config_from_json, load_config
 
 
 def _prefect_env() -> None:
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ipr_cli.main import add_config_args
 
     run = sub.add_parser("run", help="run the IPR pipeline (a Prefect flow)", description="Run the IPR pipeline as a Prefect flow: against PREFECT_API_URL if set, else a local ephemeral Prefect. Finished stages with the same identity (declared config reads, inputs, code) are reused, also from other runs under the same storage root.")
-    add_config_args(run)
+    add_config_args(run, what="default: the embedded default, configs/demo.yaml")
     run.set_defaults(func=_run)
     exp = sub.add_parser("experiment", help="run an experiment: variants x seeds sharing their upstream stages, with intervals", description="Run every (seed, variant) of an experiment file as an IPR run under {storage.root}/{name}/, sharing the stages variants have in common, then write the experiment report (mean over seeds with 95%% intervals, paired bootstrap against the baseline variant). Rerunning recomputes only what did not finish.")
     exp.add_argument("--config", "-c", metavar="FILE", required=True, help="experiment YAML (name, base, overrides, seeds, variants, baseline)")
@@ -96,8 +97,18 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+# The embedded default the README names: `ipr run` without -c runs it.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
 def _run(args: argparse.Namespace) -> int:
-    return _go(load_config(args.config, args.overrides))
+    path = args.config
+    if path is None:
+        if not DEMO_CONFIG.is_file():
+            raise ConfigError(f"no --config given and the embedded default {DEMO_CONFIG} is missing: pass -c FILE")
+        path = DEMO_CONFIG
+        print(f"ipr: no --config given: running the embedded default {DEMO_CONFIG}", file=sys.stderr)
+    return _go(load_config(path, args.overrides))
 
 
 def _saved_config(run: str) -> IPRConfig:

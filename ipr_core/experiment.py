@@ -193,7 +193,8 @@ def _cost(run: str, nodes) -> dict[str, Any]:
     ms = [store.read_manifest(store.join(run, n.key)) for n in nodes]
     done = [m for m in ms if m is not None]
     rollouts = sum(int(m.meta.get("rollouts", 0)) for m in done if m.kind == "mc_rollouts")
-    tokens = sum(int(m.meta.get("generated_tokens", 0)) for m in done)
+    counted = [int(m.meta["generated_tokens"]) for m in done if "generated_tokens" in m.meta]
+    tokens = sum(counted) if counted else None  # None: made before stages counted them
     wall = sum(m.timings.get("wall_s", 0.0) for m in done)
     own = sum(m.timings.get("wall_s", 0.0) for m in done if m.origin == "computed")
     return {"mc_rollouts": rollouts, "generated_tokens": tokens, "wall_s": round(wall, 1), "computed_wall_s": round(own, 1)}

@@ -144,7 +144,7 @@ def experiment_table(res: Mapping) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    cost = [f"{v}: {c['mc_rollouts'] or 0:.0f} MC rollouts, {c.get('generated_tokens') or 0:.0f} generated tokens, {c['wall_s'] or 0:.0f} s of stages per run" for v, c in res["cost"].items()]
+    cost = [f"{v}: {c['mc_rollouts'] or 0:.0f} MC rollouts, {_num(c.get('generated_tokens'), 0)} generated tokens, {c['wall_s'] or 0:.0f} s of stages per run" for v, c in res["cost"].items()]
     audit = [f"audit {k}: MAE {_num(a['mae'])}, direction agreement {_num(a['direction_agreement'])} of {a['ordered']} ordered step pairs" for k, a in (res.get("audit") or {}).items()]
     return "\n".join(lines + ["", f"baseline: {res['baseline']}; best = chosen per seed on the {'/'.join(res['chosen_on'])} tasks, test numbers reported", *cost, *audit])
 
@@ -185,7 +185,7 @@ def experiment_markdown(res: Mapping, image: str, command: str | None = None) ->
     lines += ["| " + " | ".join(_experiment_cells(r)) + " |" for r in res["table"]]
     lines += ["", "Cost per run of each variant (mean over seeds; shared upstream stages counted in every variant, as if it ran alone; the last column is what the variant's runs computed themselves rather than copied):", ""]
     lines += ["| variant | MC rollouts | generated tokens | stage wall time (s) | computed, not copied (s) |", "|---|---|---|---|---|"]
-    lines += [f"| {v} | {c['mc_rollouts'] or 0:.0f} | {c.get('generated_tokens') or 0:.0f} | {c['wall_s'] or 0:.0f} | {c['computed_wall_s'] or 0:.0f} |" for v, c in res["cost"].items()]
+    lines += [f"| {v} | {c['mc_rollouts'] or 0:.0f} | {_num(c.get('generated_tokens'), 0)} | {c['wall_s'] or 0:.0f} | {c['computed_wall_s'] or 0:.0f} |" for v, c in res["cost"].items()]
     if res.get("audit"):
         lines += ["", "Step-reward audit (iteration 1: the run's MC estimates against a large-N reference by the same scorer):", ""]
         lines += ["| run | step pairs | N | N reference | MAE | direction agreement | pairs over tau_s | of those, confirmed |", "|---|---|---|---|---|---|---|---|"]

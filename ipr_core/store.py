@@ -87,9 +87,66 @@ class Manifest:
             raise StoreError(f"{where}: corrupt manifest ({e})") from None
 
 
+# Bounded waits on object stores: botocore's defaults (60 s connect and read,
+# retried) turn an unreachable endpoint into minutes of silence. These make it
+# an error within about a minute; check_root finds it before any work, faster.
+S3_CLIENT_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+
+
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(uri)
+    kwargs = {"config_kwargs": S3_CLIENT_CONFIG} if uri.startswith(("s3://", "s3a://")) else {}
+    fs, path = fsspec.core.url_to_fs(uri, **kwargs)
     return fs, path.rstrip("/")
+
+
+def check_root(uri: str, timeout_s: float = 15.0) -> None:
+    """A StoreError naming ``storage.root`` unless a run can write under ``uri``:
+    local: a directory (or creatable) and writable; s3: credentials present and
+    the bucket answering (made if missing) within ``timeout_s``; other fsspec
+    URLs: answering within ``timeout_s``. Nothing is written."""
+    if "://" not in uri or uri.startswith("file://"):
+        p = Path(normalize_uri(uri))
+        probe = p
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise StoreError(f"storage.root={uri!r} cannot be created: {probe} is a file, not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise StoreError(f"storage.root={uri!r} is not writable: no write permission on {probe}")
+        return
+    if uri.startswith(("s3://", "s3a://")):
+        import botocore.session
+
+        if botocore.session.get_session().get_credentials() is None:
+            raise StoreError(f"storage.root={uri!r}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or an instance role)")
+    _probe(uri, timeout_s)
+
+
+def _probe(uri: str, timeout_s: float) -> None:
+    """List the root's bucket (made if missing) on a thread, waiting at most ``timeout_s``."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            fs, path = _fs(uri)
+            top = path.split("/")[0] if uri.startswith(("s3://", "s3a://")) else path
+            if not fs.exists(top) and uri.startswith(("s3://", "s3a://")):
+                fs.mkdir(top)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported below, with the URI
+            outcome.append(e)
+
+    t = threading.Thread(target=probe, name="ipr-storage-probe", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if not outcome:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default endpoint") if uri.startswith(("s3://", "s3a://")) else "its server"
+        raise StoreError(f"storage.root={uri!r}: no answer from {endpoint} within {timeout_s:.0f} s (is the endpoint reachable?)")
+    if outcome[0] is not None:
+        e = outcome[0]
+        raise StoreError(f"storage.root={uri!r} is not usable: {type(e).__name__}: {e}")
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -117,12 +117,13 @@ def test_report_names_the_best_model(runs):
     assert best["model"] in ("sft", "iter-01")
     assert best["uri"] == f"{full}/{'sft/model' if best['model'] == 'sft' else 'iter-01/model'}"
     rewards = {r["model"]: r["mean_reward"] for r in data["rows"]}
-    assert best["mean_reward"] == max(rewards["sft"], rewards["iter-01"])
-    assert f"best: {best['model']} (mean reward {best['mean_reward']:.3f}) at {best['uri']}" in out.stdout.splitlines()
+    assert best["mean_reward"] == max(rewards["sft"], rewards["iter-01"]) and best["chosen_on"] == "test"  # the tiny runs have no validation tasks
+    assert f"best: {best['model']} (test mean reward {best['mean_reward']:.3f}; chosen on test) at {best['uri']}" in out.stdout.splitlines()
+    assert data["note"].startswith("chosen on the test tasks: the run has no validation tasks")
     if rewards["iter-01"] <= rewards["sft"]:
         assert "no iteration beat SFT" in data["note"] and f"note: {data['note']}" in out.stdout
     if rewards["iter-01"] == rewards["sft"]:
-        assert data["note"].startswith(f"tie between sft and iter-01 at {rewards['sft']:.3f}: the earliest, sft, is kept")
+        assert f"tie between sft and iter-01 at {rewards['sft']:.3f} (test): the earliest, sft, is kept" in data["note"]
 
 
 def test_report_of_an_unfinished_run(runs):
@@ -130,7 +131,7 @@ def test_report_of_an_unfinished_run(runs):
     data = json.loads(ipr("report", partial, "--json").stdout)
     assert [r["model"] for r in data["rows"]] == ["base", "sft"]
     assert data["best"]["model"] == "sft" and data["best"]["uri"] == f"{partial}/sft/model"
-    assert data["note"] == "no iteration evaluated yet"
+    assert data["note"].endswith("no iteration evaluated yet")
 
 
 # The choice itself, on made-up rewards (a real tiny run cannot be steered to a win or a tie).
@@ -144,14 +145,24 @@ def _nodes(iterations: int):
 
 
 def _rows(**rewards: float) -> list[dict]:
-    return [{"model": m.replace("_", "-"), "mean_reward": r} for m, r in rewards.items()]
+    """Rows with these validation rewards (test rewards differ: they must not decide)."""
+    return [{"model": m.replace("_", "-"), "val_mean_reward": r, "mean_reward": round(1 - r, 3)} for m, r in rewards.items()]
 
 
-def test_best_is_the_highest_reward_and_its_checkpoint():
+def test_best_is_the_highest_validation_reward_and_its_checkpoint():
     from ipr_cli.pipeline import best_model
 
     best, note = best_model("/runs/x", _nodes(3), _rows(base=0.1, sft=0.3, iter_01=0.5, iter_02=0.7, iter_03=0.6))
-    assert best == {"model": "iter-02", "uri": "/runs/x/iter-02/model", "mean_reward": 0.7} and note is None
+    assert best == {"model": "iter-02", "uri": "/runs/x/iter-02/model", "mean_reward": 0.3, "val_mean_reward": 0.7, "chosen_on": "val"} and note is None
+
+
+def test_without_validation_tasks_the_test_tasks_choose_and_the_note_says_so():
+    from ipr_cli.pipeline import best_model
+
+    rows = [{"model": m, "mean_reward": r, "val_mean_reward": None} for m, r in (("sft", 0.2), ("iter-01", 0.4))]
+    best, note = best_model("/runs/x", _nodes(1), rows)
+    assert best["model"] == "iter-01" and best["chosen_on"] == "test"
+    assert note == "chosen on the test tasks: the run has no validation tasks (env.val_tasks=0)"
 
 
 def test_a_tie_keeps_the_earliest():
@@ -159,9 +170,9 @@ def test_a_tie_keeps_the_earliest():
 
     best, note = best_model("/runs/x", _nodes(2), _rows(base=0.0, sft=0.544, iter_01=0.5, iter_02=0.544))
     assert best["model"] == "sft" and best["uri"] == "/runs/x/sft/model"
-    assert note == "tie between sft and iter-02 at 0.544: the earliest, sft, is kept; no iteration beat SFT"
+    assert note == "tie between sft and iter-02 at 0.544 (val): the earliest, sft, is kept; no iteration beat SFT"
     best, note = best_model("/runs/x", _nodes(3), _rows(sft=0.2, iter_01=0.6, iter_02=0.6, iter_03=0.6))
-    assert best["model"] == "iter-01" and note == "tie between iter-01, iter-02 and iter-03 at 0.600: the earliest, iter-01, is kept"
+    assert best["model"] == "iter-01" and note == "tie between iter-01, iter-02 and iter-03 at 0.600 (val): the earliest, iter-01, is kept"
 
 
 def test_no_iteration_beat_sft_and_the_base_does_not_compete():
@@ -169,4 +180,4 @@ def test_no_iteration_beat_sft_and_the_base_does_not_compete():
 
     best, note = best_model("/runs/x", _nodes(1), _rows(base=0.9, sft=0.4, iter_01=0.3))
     assert best["model"] == "sft"
-    assert note == "no iteration beat SFT; the untrained base model scored higher (0.900)"
+    assert note == "no iteration beat SFT; the untrained base model scored higher (0.900, val)"

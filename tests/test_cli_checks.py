@@ -25,3 +25,67 @@ def test_bad_input_fails_before_any_work(tmp_path, override, named):
     first = out.stderr.strip().splitlines()[0]
     assert first.startswith("ipr: error:") and named in first, out.stderr
     assert not root.exists() and not (tmp_path / "prefect").exists()  # no artifact, no Prefect home: nothing started
+
+
+def _run_cli(tmp_path: Path, root: str, extra_env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    env = {"PATH": str(Path(sys.executable).parent), "PREFECT_HOME": str(tmp_path / "prefect"), "HOME": str(tmp_path), **(extra_env or {})}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "ipr_cli.main", "run", "-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return out, time.time() - t0
+
+
+def _one_error_line(out: subprocess.CompletedProcess, *named: str) -> str:
+    assert out.returncode == 2, out.stderr[-2000:]
+    first = out.stderr.strip().splitlines()[0]
+    assert first.startswith("ipr: error:") and all(n in first for n in named), out.stderr
+    return first
+
+
+def test_a_storage_root_under_a_file_fails_before_any_work(tmp_path):
+    pytest.importorskip("minigrid")
+    (tmp_path / "plain-file").write_text("x")
+    out, _ = _run_cli(tmp_path, str(tmp_path / "plain-file" / "artifacts"))
+    _one_error_line(out, "storage.root", "is a file, not a directory")
+    assert not (tmp_path / "prefect").exists()
+
+
+def test_an_s3_root_without_credentials_fails_before_any_work(tmp_path):
+    pytest.importorskip("minigrid")
+    out, _ = _run_cli(tmp_path, "s3://some-bucket/runs", {"AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"})
+    _one_error_line(out, "storage.root", "no AWS credentials")
+    assert not (tmp_path / "prefect").exists()
+
+
+def test_a_stalled_s3_endpoint_is_an_error_not_a_hang(tmp_path):
+    """An endpoint that accepts connections and never answers: a clear error within the probe's bound."""
+    import socket
+
+    pytest.importorskip("minigrid")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes handshakes; nothing ever replies
+        port = silent.getsockname()[1]
+        creds = {"AWS_ACCESS_KEY_ID": "fake", "AWS_SECRET_ACCESS_KEY": "fake", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+        out, took = _run_cli(tmp_path, "s3://some-bucket/runs", creds)
+    _one_error_line(out, "storage.root", "no answer from", f"127.0.0.1:{port}")
+    assert took < 60, took
+    assert not (tmp_path / "prefect").exists()
+
+
+def test_config_check_runs_the_checks_alone(tmp_path):
+    pytest.importorskip("minigrid")
+    env = {"PATH": str(Path(sys.executable).parent), "PREFECT_HOME": str(tmp_path / "prefect"), "HOME": str(tmp_path)}
+
+    def check(*args):
+        return subprocess.run([sys.executable, "-m", "ipr_cli.main", "config", "check", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    root = tmp_path / "artifacts"
+    ok = check("-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}")
+    assert ok.returncode == 0 and ok.stdout.strip() == f"ok: {root}/ipr-demo", ok.stderr
+    exp = check("--experiment", str(ROOT / "configs" / "experiment-gotoobj.yaml"), "--set", f"storage.root={root}")
+    assert exp.returncode == 0 and len(exp.stdout.splitlines()) == 9, exp.stdout + exp.stderr  # 3 variants x 3 seeds
+    dask = check("-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}", "--set", "pipeline.task_runner=dask", "--set", "pipeline.dask_address=tcp://127.0.0.1:1")
+    _one_error_line(dask, "pipeline.dask_address", "not reachable")
+    assert not root.exists() and not (tmp_path / "prefect").exists()

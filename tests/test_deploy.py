@@ -46,4 +46,18 @@ def test_deploy_and_worker_run(prefect_server, tmp_path):  # noqa: F811
     experiment = next(d for d in deps if d["name"] == "experiment-gotoobj")
     assert experiment["entrypoint"] == "flows/deploy_entry.py:ipr_experiment_from_file"
     assert experiment["parameters"]["experiment_path"] == "configs/experiment-gotoobj.yaml"
+    assert all(d["job_variables"]["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "ipr_core" for d in deps)  # ipr_core logs reach the UI
     assert (tmp_path / "artifacts" / "deployed" / "iter-01" / "model" / "_MANIFEST.json").exists()
+
+
+def test_a_missing_config_path_names_it_and_ipr_flow_home(tmp_path, monkeypatch):
+    from flows.deploy_entry import ipr_experiment_from_file, ipr_from_config
+    from ipr_core.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IPR_FLOW_HOME", raising=False)
+    with pytest.raises(ConfigError, match=r"config_path 'configs/demo.yaml' not found .*IPR_FLOW_HOME is not set"):
+        ipr_from_config.fn("configs/demo.yaml")
+    monkeypatch.setenv("IPR_FLOW_HOME", "/somewhere")
+    with pytest.raises(ConfigError, match=r"experiment_path 'x.yaml' not found .*IPR_FLOW_HOME=/somewhere"):
+        ipr_experiment_from_file.fn("x.yaml")

@@ -32,8 +32,9 @@ def run_uri(cfg: IPRConfig) -> str:
 
 
 def check(cfg: IPRConfig) -> None:
-    """What can be checked before any work starts (a ConfigError naming the field):
-    the environment and its options, and a user base model's folder."""
+    """What can be checked before any work starts (a ConfigError or StoreError naming
+    the field): the environment and its options, a user base model's folder, the
+    storage root (writable; an object store's credentials and endpoint)."""
     from pathlib import Path
 
     from ipr_core.config import ConfigError
@@ -43,6 +44,25 @@ def check(cfg: IPRConfig) -> None:
     base = cfg.model.base
     if base != "tiny" and not (Path(base) / "config.json").is_file():
         raise ConfigError(f"model.base={base!r} is neither 'tiny' nor a local checkpoint folder (no {Path(base) / 'config.json'})")
+    store.check_root(cfg.storage.root)
+    if cfg.pipeline.task_runner == "dask" and cfg.pipeline.dask_address:
+        _reachable("pipeline.dask_address", cfg.pipeline.dask_address)
+
+
+def _reachable(field: str, address: str, timeout_s: float = 5.0) -> None:
+    """A ConfigError naming ``field`` unless a TCP connection to ``address`` ("tcp://host:port") opens."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from ipr_core.config import ConfigError
+
+    u = urlsplit(address if "://" in address else f"tcp://{address}")
+    if not u.hostname or not u.port:
+        raise ConfigError(f"{field}={address!r} is not an address of the form tcp://host:port")
+    try:
+        socket.create_connection((u.hostname, u.port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"{field}={address!r} is not reachable within {timeout_s:.0f} s: {e}") from None
 
 
 def save_config(cfg: IPRConfig) -> str:

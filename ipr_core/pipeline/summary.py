@@ -28,14 +28,18 @@ def _wall(ms: dict, nodes: Sequence[Node]) -> float | None:
     return round(sum(m.timings.get("wall_s", 0.0) for m in found), 1) if found and all(found) else None
 
 
-def _training(ms: dict, n: Node | None) -> dict[str, Any]:
-    """Steps run / planned of the training stage that made the model, and a note if its time cap cut it."""
+def _training(run: str, ms: dict, n: Node | None) -> dict[str, Any]:
+    """Steps run / planned of the training stage that made the model, and a note
+    if its time cap cut it or it changed nothing (its model is its input model)."""
     m = ms.get(n.key) if n is not None else None
     if m is None or "steps" not in m.meta:
         return {}
     steps, planned = m.meta["steps"], m.meta.get("planned_steps", m.meta["steps"])
-    cut = m.meta.get("cut_by_time", False)
-    return {"train_steps": f"{steps}/{planned}", "note": f"{n.stage} cut by its time cap at {steps}/{planned} steps" if cut else None}
+    notes = [f"{n.stage} cut by its time cap at {steps}/{planned} steps"] if m.meta.get("cut_by_time") else []
+    start = dict(n.inputs).get("policy_uri") or dict(n.inputs).get("base_uri")
+    if steps == 0 or (isinstance(start, str) and m.inputs.get(store.join(run, start)) == m.digest):
+        notes.append(f"{n.stage} changed no weight: the model is its input ({steps} steps{', no usable pair' if steps == 0 else ''})")
+    return {"train_steps": f"{steps}/{planned}", "note": "; ".join(notes) or None}
 
 
 def _split(n: Node) -> str:
@@ -54,7 +58,7 @@ def model_row(run: str, ev: Node, nodes: Sequence[Node]) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(model=dict(ev.params)["tag"], success_rate=_meta(ms, ev, "success_rate"), mean_reward=_meta(ms, ev, "mean_reward"))
     row.update(val_success_rate=_meta(ms, val, "success_rate"), val_mean_reward=_meta(ms, val, "mean_reward"))
-    row.update(_training(ms, trainer))
+    row.update(_training(run, ms, trainer))
     if it:
         by = {n.stage: n for n in it}
         row.update(outcome_pairs=_meta(ms, by.get("pairs"), "outcome"), step_pairs=_meta(ms, by.get("pairs"), "step"))
