@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def _free_port() -> int:
@@ -120,6 +120,14 @@ class LocalMariaDB:
         self.start_s = time.perf_counter() - t0
         return self
 
+    def peak_rss_kib(self) -> int:
+        """The server process's peak resident memory so far (VmHWM, Linux), in KiB; 0 when unknown."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except (OSError, TypeError):
+            return 0
+        return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -139,3 +147,19 @@ class LocalMariaDB:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def serve_or_skip(workdir: str | Path) -> Iterator[LocalMariaDB]:
+    """A started ``LocalMariaDB`` for a pytest fixture (``yield from``), stopped afterwards;
+    the test skips, saying why, when MariaDB or mysql-connector is not installed."""
+    import pytest
+
+    if find_mariadb() is None:
+        pytest.skip("MariaDB is not installed (run .ci/mariadb.sh)")
+    pytest.importorskip("mysql.connector")
+    server = LocalMariaDB(workdir=workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

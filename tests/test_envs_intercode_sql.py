@@ -18,7 +18,7 @@ pytest.importorskip("intercode")
 
 from conftest import SHARED_DATA  # noqa: E402
 
-from mariadb_fixture import LocalMariaDB, find_mariadb  # noqa: E402
+from mariadb_fixture import serve_or_skip  # noqa: E402
 from sql_agreement import gold_agreement  # noqa: E402
 
 from ipr_core.envs.base import Environment, StepResult, make_env, replay  # noqa: E402
@@ -78,15 +78,7 @@ def full_env(cache_root):
 @pytest.fixture(scope="module")
 def mariadb(tmp_path_factory):
     """A throwaway mariadbd (lower_case_table_names=1) on a free loopback port, stopped by PID."""
-    if find_mariadb() is None:
-        pytest.skip("MariaDB is not installed (run .ci/mariadb.sh)")
-    pytest.importorskip("mysql.connector")
-    server = LocalMariaDB(workdir=tmp_path_factory.mktemp("mariadb"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_or_skip(tmp_path_factory.mktemp("mariadb"))
 
 
 @pytest.fixture(scope="module")

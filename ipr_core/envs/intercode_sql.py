@@ -228,6 +228,9 @@ class InterCodeSQLOptions(EnvOptions):
     tables_in_prompt: bool = Field(False, description="Also list the database's tables in the first message.")
     obs_limit: int = Field(OBS_LIMIT, ge=1, description="Observation length cut (IPR: 350).")
     max_rows: int = Field(100_000, ge=1, description="Larger results are an error.")
+    max_cell_bytes: int = Field(Limits.max_cell_bytes, ge=1, description="A result holding a larger value (text or blob bytes) is an error; SQLite does not even build it.")
+    max_result_bytes: int = Field(Limits.max_result_bytes, ge=1, description="A result whose values weigh more bytes in all is an error.")
+    max_columns: int = Field(Limits.max_columns, ge=1, description="A result with more columns is an error.")
     readonly_user: str = Field("ipr_agent", description="The server account the agent's queries run as.")
     readonly_password: str = Field("ipr_agent", description="Its password.")
 
@@ -278,7 +281,7 @@ class InterCodeSQLEnv(ConfiguredEnv, name=NAME, options=InterCodeSQLOptions):
             raise ValueError(f"{self.task_file.name} uses databases the dump lacks: {unknown}")
 
     def _open_backend(self, o: InterCodeSQLOptions) -> SQLBackend:
-        limits = Limits(o.statement_timeout_s, o.max_rows)
+        limits = Limits(o.statement_timeout_s, o.max_rows, o.max_cell_bytes, o.max_result_bytes, o.max_columns)
         if o.backend == "sqlite":
             return SQLiteBackend(self.dump, o.cache_dir, limits)
         url = o.mysql_url or os.environ.get("IPR_MYSQL_URL")

@@ -106,3 +106,85 @@ def first_keyword(stmt: str) -> str:
     """The statement's first word, upper-cased (after comments and opening parentheses)."""
     m = re.match(r"[\s(]*([A-Za-z_]+)", strip_comments(stmt))
     return m.group(1).upper() if m else ""
+
+
+# Words that may stand before '(' without calling a function: clauses and
+# operators (``IN (``, ``FROM (``, ``OVER (``, ``USE INDEX (``) and the type
+# names of ``CAST(x AS DECIMAL(10, 2))``. Any other word before '(' is a call.
+NOT_CALLS = frozenset(
+    "SELECT FROM WHERE AND OR NOT XOR IN EXISTS ON USING AS JOIN UNION ALL ANY SOME DISTINCT DISTINCTROW INTERSECT "
+    "EXCEPT BY HAVING WHEN THEN ELSE CASE IS LIKE BETWEEN ESCAPE OVER FILTER WITH RECURSIVE MATERIALIZED VALUES ROW "
+    "LIMIT OFFSET DIV REGEXP RLIKE INTERVAL INDEX KEY LATERAL "
+    "DECIMAL DEC NUMERIC FLOAT DOUBLE REAL INT INTEGER SIGNED UNSIGNED".split()
+)
+# MySQL's unquoted identifier characters (and numbers); '@@' (a system variable) is one piece.
+_PIECE = re.compile(r"@@|[0-9A-Za-z_$\u0080-\uffff]+|\S")
+
+
+def significant_tokens(sql: str) -> list[tuple[str, str]]:
+    """The tokens that carry meaning, comments and whitespace dropped: ('word', an
+    unquoted word or number), ('ident', a `quoted` name, unquoted), ('str', a literal)
+    or ('punct', one character or '@@')."""
+    out: list[tuple[str, str]] = []
+    for kind, text in tokenize(sql):
+        if kind == "other":
+            for piece in _PIECE.findall(text):
+                first = piece[0]
+                out.append(("word" if first.isalnum() or first in "_$" or first >= "\u0080" else "punct", piece))
+        elif kind == "ident":
+            out.append(("ident", text[1:-1].replace("``", "`")))
+        elif kind in ("str", "open"):
+            out.append(("str", text))
+        elif kind == "semi":
+            out.append(("punct", ";"))
+        elif kind == "comment" and is_executable_comment(text):
+            # MySQL runs its content: it counts (``/*!50000 version() */`` calls version).
+            out.extend(significant_tokens(re.sub(r"^/\*M?!\d*", "", text)[:-2]))
+    return out
+
+
+def _closing(tokens: list[tuple[str, str]], open_at: int) -> int:
+    """Index of the ')' matching the '(' at ``open_at`` (len(tokens) when unbalanced)."""
+    depth = 0
+    for i in range(open_at, len(tokens)):
+        if tokens[i] == ("punct", "("):
+            depth += 1
+        elif tokens[i] == ("punct", ")"):
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(tokens)
+
+
+def _is_cte_columns(tokens: list[tuple[str, str]], open_at: int) -> bool:
+    # ``WITH name (a, b) AS (...)``: the name and its column list, not a call;
+    # a call is never followed by AS [NOT] [MATERIALIZED] '('.
+    end = _closing(tokens, open_at)
+    rest = [text.upper() for _, text in tokens[end + 1 : end + 5]]
+    if rest[:1] != ["AS"]:
+        return False
+    rest = rest[1:]
+    rest = rest[1:] if rest[:1] == ["NOT"] else rest
+    rest = rest[1:] if rest[:1] == ["MATERIALIZED"] else rest
+    return rest[:1] == ["("]
+
+
+def function_calls(sql: str | list[tuple[str, str]]) -> list[str]:
+    """Names of the functions ``sql`` (or its ``significant_tokens``) calls: a word or
+    `quoted` name before '(', also across whitespace and comments as MySQL allows,
+    lowercased; a qualified call (``schema.f(``) comes back as ``schema.f``."""
+    tokens = significant_tokens(sql) if isinstance(sql, str) else sql
+    names: list[str] = []
+    for i in range(len(tokens) - 1):
+        kind, text = tokens[i]
+        if kind not in ("word", "ident") or tokens[i + 1] != ("punct", "("):
+            continue
+        if kind == "word" and (text.upper() in NOT_CALLS or text[0].isdigit()):
+            continue
+        if _is_cte_columns(tokens, i + 1):
+            continue
+        name = text.lower()
+        if i >= 2 and tokens[i - 1] == ("punct", ".") and tokens[i - 2][0] in ("word", "ident"):
+            name = f"{tokens[i - 2][1].lower()}.{name}"
+        names.append(name)
+    return names

@@ -3,8 +3,11 @@
 The dump is loaded once into the server (skipped when a marker row says this
 dump is already there, under a server lock so concurrent loaders wait); the
 agent connects as a read-only user (``ReadOnlyAccount``) with
-``max_statement_time`` (MariaDB) or ``max_execution_time`` (MySQL) and
-``sql_select_limit`` set from ``Limits`` for its session. A lost connection
+``max_statement_time`` (MariaDB) or ``max_execution_time`` (MySQL),
+``sql_select_limit`` and ``group_concat_max_len`` set from ``Limits`` for its
+session. Each statement first passes ``vet_names`` (the functions it calls,
+no system names); its rows are streamed and counted against ``Limits``, and
+the connection is dropped when one is broken mid-stream. A lost connection
 raises ``EnvError``; the next ``reset_session`` reconnects.
 """
 
@@ -19,7 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from ipr_core.envs.base import EnvError
 from ipr_core.envs.sql.dump import Dump
 from ipr_core.envs.sql.results import QueryResult
-from ipr_core.envs.sql.sandbox import Limits
+from ipr_core.envs.sql.sandbox import Limits, vet_names
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ def _is_client_error(errno: int | None) -> bool:
 
 # command denied, access denied to a database, privilege needed (FILE), read-only server
 _PRIVILEGE_ERRNOS = {1142, 1143, 1044, 1227, 1290, 1370}
+# A value cut to fit: GROUP_CONCAT past group_concat_max_len (1260), a function
+# result past max_allowed_packet (1301, NULL instead, or an error).
+_TRUNCATION_ERRNOS = {1260, 1301}
 _SKIP_DUMP = re.compile(r"^(?:CREATE\s+USER|GRANT|FLUSH|/\*!\d+\s+SET\s+NAMES)\b", re.I)
 _META_DB = "ipr_flow_meta"
 
@@ -195,13 +201,15 @@ class MySQLBackend:
         return self._cnx
 
     def _configure(self, cnx: Any) -> None:
-        cur = cnx.cursor()
+        limits = self.limits
         if self.flavor == "mariadb":
-            cur.execute(f"SET SESSION max_statement_time = {self.limits.statement_timeout_s:.3f}")
+            timeout = f"max_statement_time = {limits.statement_timeout_s:.3f}"
         else:  # MySQL: SELECT statements only, in milliseconds
-            cur.execute(f"SET SESSION max_execution_time = {int(self.limits.statement_timeout_s * 1000)}")
-        # The server stops after max_rows + 1 rows unless the query says LIMIT itself.
-        cur.execute(f"SET SESSION sql_select_limit = {self.limits.max_rows + 1}")
+            timeout = f"max_execution_time = {int(limits.statement_timeout_s * 1000)}"
+        cur = cnx.cursor()
+        # One round trip. The server stops after max_rows + 1 rows unless the query
+        # says LIMIT itself, and builds no GROUP_CONCAT value over max_cell_bytes.
+        cur.execute(f"SET SESSION {timeout}, sql_select_limit = {limits.max_rows + 1}, group_concat_max_len = {limits.max_cell_bytes}")
         cur.close()
 
     def reset_session(self, db: str) -> None:
@@ -228,32 +236,58 @@ class MySQLBackend:
     def execute(self, db: str, sql: str) -> QueryResult:
         import mysql.connector
 
+        refusal = vet_names(sql)  # the functions the SQLite authorizer would deny, and system names
+        if refusal is not None:
+            return refusal
         name = self.dump.database(db).name.lower()
         cnx = self._session()
         try:
             if self._db != name:
                 cnx.database = name
                 self._db = name
-            cur = cnx.cursor()  # unbuffered: stop reading after max_rows + 1
+            cur = cnx.cursor()  # unbuffered: rows are read (and counted) one at a time
             cur.execute(sql)
             if not cur.with_rows:
                 cur.close()
                 return QueryResult(rows=None)
-            rows = cur.fetchmany(self.limits.max_rows + 1)
-            if len(rows) > self.limits.max_rows:
-                # The rest is still streaming: dropping the connection is the cheap way out.
+            if len(cur.description) > self.limits.max_columns:
+                result = self.limits.too_many_columns()
+            else:
+                result = self.limits.collect(iter(cur.fetchone, None))
+            if not result.ok:
+                # The rest may still be streaming: dropping the connection is the cheap way out.
                 self.close()
-                return self.limits.too_many_rows()
+                return result
+            warned = cur.warning_count > 0
             cur.close()
+            if warned and self._truncated(cnx):
+                return self.limits.cell_too_large()  # as SQLite, which refuses to build the value
         except mysql.connector.Error as e:
-            errno = getattr(e, "errno", None)
-            if _is_client_error(errno):
-                self.close()
-                raise EnvError(f"lost the MySQL connection: {e}") from e
-            if errno in (1969, 3024):  # ER_STATEMENT_TIMEOUT (MariaDB), ER_QUERY_TIMEOUT (MySQL)
-                return self.limits.timed_out()
-            return QueryResult(error=getattr(e, "msg", None) or str(e), refused=errno in _PRIVILEGE_ERRNOS)
-        return QueryResult.of_rows(rows)
+            return self._error(e)
+        return result
+
+    def _truncated(self, cnx: Any) -> bool:
+        """Whether the last statement's warnings say the server cut a value to fit."""
+        cur = cnx.cursor()
+        cur.execute("SHOW WARNINGS")
+        codes = {row[1] for row in cur.fetchall()}
+        cur.close()
+        return bool(codes & _TRUNCATION_ERRNOS)
+
+    def _error(self, e: Any) -> QueryResult:
+        """A server error as the result (MySQL's wording, as SQLite's are reworded); a client error raises EnvError."""
+        errno = getattr(e, "errno", None)
+        if _is_client_error(errno):
+            self.close()
+            raise EnvError(f"lost the MySQL connection: {e}") from e
+        if errno in (1969, 3024):  # ER_STATEMENT_TIMEOUT (MariaDB), ER_QUERY_TIMEOUT (MySQL)
+            return self.limits.timed_out()
+        if errno in _TRUNCATION_ERRNOS:
+            return self.limits.cell_too_large()
+        msg = getattr(e, "msg", None) or str(e)
+        # MariaDB names itself in syntax errors; InterCode's server (and the SQLite backend) say MySQL.
+        msg = msg.replace("your MariaDB server version", "your MySQL server version")
+        return QueryResult(error=msg, refused=errno in _PRIVILEGE_ERRNOS)
 
     def close(self) -> None:
         if self._cnx is not None:

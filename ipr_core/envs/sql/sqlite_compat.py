@@ -92,6 +92,7 @@ _SQLITE_ERRORS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^no such column: (.+)$"), "Unknown column '{0}' in 'field list'"),
     (re.compile(r"^ambiguous column name: (.+)$"), "Column '{0}' in field list is ambiguous"),
     (re.compile(r'^near "(.*)": syntax error$', re.S), "You have an error in your SQL syntax; check the manual that corresponds to your MySQL server version for the right syntax to use near '{0}' at line 1"),
+    (re.compile(r"^no such function: (.+)$"), "FUNCTION {db}.{0} does not exist"),  # an allowed MySQL function SQLite lacks (YEAR, IF)
     (re.compile(r"^incomplete input$"), "You have an error in your SQL syntax; check the manual that corresponds to your MySQL server version for the right syntax to use near '' at line 1"),
     (re.compile(r"^not authorized$|^attempt to write a readonly database$"), "the database is read-only: only SELECT queries are allowed"),
 ]
