@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from ipr_core import report as rep
 from ipr_core import store
 from ipr_core.audit import run_audit
+from ipr_core.lease import Lease
 from ipr_core.experiment import audited, expand, experiment_from_json, experiment_uri, results, save_experiment
 from ipr_core.pipeline import check
 from flows.ipr_pipeline import artifact_key, ipr_pipeline, task_runner
@@ -30,17 +31,23 @@ def _run_name() -> str:
 
 
 @flow(name="ipr-experiment", flow_run_name=_run_name, log_prints=True)
-def ipr_experiment(experiment: dict, command: str | None = None) -> dict:
-    """Run every variant x seed of ``experiment`` (an ExperimentConfig as a mapping) and report."""
+def ipr_experiment(experiment: dict, command: str | None = None, take_over: bool = False) -> dict:
+    """Run every variant x seed of ``experiment`` (an ExperimentConfig as a mapping) and report.
+    The experiment holds a lease on its folder, each run on its own (``take_over``: dead holders')."""
     exp = experiment_from_json(experiment)
     runs = expand(exp)
     for r in runs:
         check(r.cfg)
+    with Lease(experiment_uri(exp), take_over):
+        return _experiment(exp, runs, command, take_over)
+
+
+def _experiment(exp, runs, command: str | None, take_over: bool) -> dict:
     save_experiment(exp)
     logger = get_run_logger()
     for i, r in enumerate(runs, 1):
         logger.info("experiment %s: run %d/%d: %s (seed %d)", exp.name, i, len(runs), r.variant, r.seed)
-        ipr_pipeline.with_options(task_runner=task_runner(r.cfg))(r.cfg)
+        ipr_pipeline.with_options(task_runner=task_runner(r.cfg))(r.cfg, take_over)
     for r in audited(exp, runs):
         if store.read_manifest(store.join(r.uri, "audit", "iter-01")) is None:  # done once; a rerun keeps it
             logger.info("step-reward audit of %s: %d reference rollouts per step, %d step pairs", r.uri, exp.audit_rollouts, exp.audit_sample)

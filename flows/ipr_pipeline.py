@@ -26,6 +26,7 @@ from prefect.states import Completed
 from ipr_core import report as rep
 from ipr_core import store
 from ipr_core.config import IPRConfig, config_from_json
+from ipr_core.lease import Lease
 from ipr_core.pipeline import check, dag, run_uri, save_config
 from ipr_core.pipeline import summary
 from ipr_core.pipeline.summary import model_row, result_rows
@@ -104,7 +105,7 @@ def ipr_iteration(config: dict, iteration: int, shards: int, policy_key: str, ur
         st.uri(n)
     row = model_row(st.run, ev, nodes)
     create_table_artifact([rep.rounded(row)], key=artifact_key(cfg.run_name, f"iter-{k:02d}"), description=f"IPR iteration {k}: held-out results, pair counts, losses, stage times")
-    create_link_artifact(model_uri, link_text=f"iteration {k} checkpoint", key=artifact_key(cfg.run_name, f"iter-{k:02d}-model"))
+    model_artifact(cfg, model_uri, f"iteration {k} checkpoint", artifact_key(cfg.run_name, f"iter-{k:02d}-model"))
     get_run_logger().info("iteration %d: %s", k, json.dumps(row))
     return {"model_key": model.key, "model_uri": model_uri, "row": row, "computed": st.computed(nodes)}
 
@@ -123,10 +124,18 @@ def _progress(cfg: IPRConfig):
 
 
 @flow(name="ipr-pipeline", flow_run_name=_run_name, log_prints=True)
-def ipr_pipeline(config: IPRConfig) -> dict:
-    """IPR end to end: SFT, expert MC once, K iterations, the best model and a report."""
+def ipr_pipeline(config: IPRConfig, take_over: bool = False) -> dict:
+    """IPR end to end: SFT, expert MC once, K iterations, the best model and a report.
+
+    The run holds a lease on its folder throughout (ipr_core/lease.py): a second
+    run on the same folder is refused; ``take_over`` takes a dead holder's lease."""
     cfg = config_from_json(config)
     check(cfg)
+    with Lease(run_uri(cfg), take_over):
+        return _pipeline(cfg)
+
+
+def _pipeline(cfg: IPRConfig):
     st, tick = Stages(cfg), _progress(cfg)
     save_config(cfg)
     first = [n for n in dag.prologue(cfg, 1) if n.stage in ("experts", "eval-tasks")]  # the experts decide the shard count
@@ -159,6 +168,34 @@ def ipr_pipeline(config: IPRConfig) -> dict:
     return _publish(cfg, st, nodes, rows, computed, tick)
 
 
+def browser_url(cfg: IPRConfig, uri: str) -> str | None:
+    """A URL a browser can open for ``uri``: from ``storage.link_template`` for object
+    stores ({bucket}, {key}), plain http(s) URIs as they are; None otherwise."""
+    if uri.startswith(("http://", "https://")):
+        return uri
+    scheme, _, rest = uri.partition("://")
+    if not rest or cfg.storage.link_template is None:
+        return None
+    bucket, _, key = rest.partition("/")
+    return cfg.storage.link_template.format(bucket=bucket, key=key, uri=uri)
+
+
+def model_artifact(cfg: IPRConfig, uri: str, what: str, key: str) -> None:
+    """A link artifact where a browser can open the checkpoint; otherwise a markdown
+    artifact with its location and the lines that load it (a local path is a dead link)."""
+    url = browser_url(cfg, uri)
+    if url is not None:
+        create_link_artifact(url, link_text=what, key=key)
+        return
+    load = f"ipr_flow_dir = ipr_core.store.read_checkpoint({uri!r})  # a local folder (downloaded once per digest)"
+    md = "\n".join([
+        f"**{what}**", "", f"Location: `{uri}`", "", "```python", "import ipr_core.store", load,
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "model = AutoModelForCausalLM.from_pretrained(ipr_flow_dir)",
+        "tokenizer = AutoTokenizer.from_pretrained(ipr_flow_dir)", "```",
+    ])  # fmt: skip
+    create_markdown_artifact(md, key=key, description=what)
+
+
 def best_text(best: tuple) -> str:
     """'iter-02 (chosen on the val tasks; note)' for reports and logs."""
     tag, _, on, note = best
@@ -180,8 +217,8 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     )  # fmt: skip
     create_markdown_artifact(md, key=artifact_key(cfg.run_name, "report"), description=f"IPR run report ({md_uri})")
     create_table_artifact([rep.rounded(r) for r in rows], key=artifact_key(cfg.run_name, "summary"), description="Held-out results per model")
-    create_link_artifact(links["SFT model"], link_text="SFT checkpoint (scorer)", key=artifact_key(cfg.run_name, "sft-model"))
-    create_link_artifact(best[1], link_text=f"best model ({best[0]})", key=artifact_key(cfg.run_name, "best-model"))
+    model_artifact(cfg, links["SFT model"], "SFT checkpoint (scorer)", artifact_key(cfg.run_name, "sft-model"))
+    model_artifact(cfg, best[1], f"best model ({best_text(best)})", artifact_key(cfg.run_name, "best-model"))
     tick("report")
     table = rep.iteration_table(rows)
     get_run_logger().info("per-iteration results:\n%s", table)
@@ -215,7 +252,7 @@ def task_runner(cfg: IPRConfig):
     return RayTaskRunner()
 
 
-def run_pipeline(cfg: IPRConfig) -> dict:
+def run_pipeline(cfg: IPRConfig, take_over: bool = False) -> dict:
     """Run the parent flow with the task runner the config asks for."""
     runner = task_runner(cfg)
-    return ipr_pipeline.with_options(task_runner=runner)(cfg)
+    return ipr_pipeline.with_options(task_runner=runner)(cfg, take_over)

@@ -28,15 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     run = sub.add_parser("run", help="run the IPR pipeline (a Prefect flow)", description="Run the IPR pipeline as a Prefect flow: against PREFECT_API_URL if set, else a local ephemeral Prefect. Finished stages with the same identity (declared config reads, inputs, code) are reused, also from other runs under the same storage root.")
     add_config_args(run, what="default: the embedded default, configs/demo.yaml")
+    _take_over_arg(run)
     run.set_defaults(func=_run)
     exp = sub.add_parser("experiment", help="run an experiment: variants x seeds sharing their upstream stages, with intervals", description="Run every (seed, variant) of an experiment file as an IPR run under {storage.root}/{name}/, sharing the stages variants have in common, then write the experiment report (mean over seeds with 95%% intervals, paired bootstrap against the baseline variant). Rerunning recomputes only what did not finish.")
     exp.add_argument("--config", "-c", metavar="FILE", required=True, help="experiment YAML (name, base, overrides, seeds, variants, baseline)")
     exp.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field of every run, e.g. --set env.eval_tasks=64 (repeatable)")
+    _take_over_arg(exp)
     exp.set_defaults(func=_experiment)
     resume = sub.add_parser("resume", help="rerun a run with its saved config, recomputing only what is missing", description="Resume a run: reload RUN/config.json and run again; up-to-date stages are skipped.")
     resume.add_argument("run", help="the run folder (e.g. ./artifacts/ipr-demo or s3://bucket/prefix/ipr-demo)")
+    _take_over_arg(resume)
     resume.set_defaults(func=_resume)
-    status = sub.add_parser("status", help="stage-by-stage completeness of a run, from its manifests", description="List each stage of a run as done or MISSING, from its manifests. Exit status 0 when every stage is complete, 1 when any is missing.")
+    status = sub.add_parser("status", help="stage-by-stage completeness of a run, from its manifests", description="List each stage of a run as done or MISSING, from its manifests, and whether a run is working on it now (its lease). Exit status 0 when every stage is complete, 1 when any is missing.")
     status.add_argument("run", help="the run folder")
     status.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     status.set_defaults(func=_status)
@@ -58,14 +61,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     explain.set_defaults(func=_explain)
 
 
-def _go(cfg: IPRConfig) -> int:
-    from ipr_core.pipeline import check
+def _take_over_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--take-over", action="store_true", help="take the folder's lease from a run that is gone (killed, or its host lost); a live run's lease is never taken")
+
+
+def _go(cfg: IPRConfig, take_over: bool) -> int:
+    from ipr_core.lease import check_free
+    from ipr_core.pipeline import check, run_uri
 
     check(cfg)  # before a Prefect server starts or any stage runs
+    check_free(run_uri(cfg), take_over)
     _prefect_env()
     from flows.ipr_pipeline import run_pipeline
 
-    out = run_pipeline(cfg)
+    out = run_pipeline(cfg, take_over)
     print()
     print(f"run: {out['run']}")
     print(out["table"])
@@ -79,17 +88,20 @@ def _go(cfg: IPRConfig) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     import shlex
 
-    from ipr_core.experiment import expand, load_experiment
+    from ipr_core.experiment import expand, experiment_uri, load_experiment
+    from ipr_core.lease import check_free
     from ipr_core.pipeline import check
 
     exp = load_experiment(args.config, args.overrides)
-    for r in expand(exp):  # every run's config and environment, before a Prefect server starts
+    check_free(experiment_uri(exp), args.take_over)
+    for r in expand(exp):  # every run's config, environment and folder, before a Prefect server starts
         check(r.cfg)
+        check_free(r.uri, args.take_over)
     _prefect_env()
     from flows.ipr_experiment import ipr_experiment
 
     command = "ipr experiment " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["experiment"] else None
-    out = ipr_experiment(exp.model_dump(mode="json"), command)
+    out = ipr_experiment(exp.model_dump(mode="json"), command, args.take_over)
     print()
     print(f"experiment: {out['folder']}")
     print(out["table"])
@@ -107,8 +119,8 @@ def _run(args: argparse.Namespace) -> int:
         if not DEMO_CONFIG.is_file():
             raise ConfigError(f"no --config given and the embedded default {DEMO_CONFIG} is missing: pass -c FILE")
         path = DEMO_CONFIG
-        print(f"ipr: no --config given: running the embedded default {DEMO_CONFIG}", file=sys.stderr)
-    return _go(load_config(path, args.overrides))
+        print(f"ipr: no --config given: running the embedded default {DEMO_CONFIG}")
+    return _go(load_config(path, args.overrides), args.take_over)
 
 
 def _saved_config(run: str) -> IPRConfig:
@@ -125,7 +137,7 @@ def _saved_config(run: str) -> IPRConfig:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    return _go(_saved_config(args.run))
+    return _go(_saved_config(args.run), args.take_over)
 
 
 def _run_nodes(cfg: IPRConfig):
@@ -147,16 +159,25 @@ def _stage_states(run: str, nodes) -> list[dict]:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from ipr_core.lease import alive, current
+
     run, nodes = _run_nodes(_saved_config(args.run))
     stages = _stage_states(run, nodes)
     done = sum(s["done"] for s in stages)
+    h = current(run)
+    state = "complete" if done == len(stages) else "incomplete"
+    if h is not None:
+        state = "running" if alive(h) else f"{state} (a lease remains from a run that is gone: --take-over)"
+    holder = h.describe() if h is not None else None
     if args.json:
-        print(json.dumps({"run": run, "complete": done, "total": len(stages), "stages": stages}, indent=2))
+        print(json.dumps({"run": run, "state": state, "holder": holder, "complete": done, "total": len(stages), "stages": stages}, indent=2))
     else:
         for s in stages:
             rows = "" if s["rows"] is None else f"{s['rows']} rows"
             print(f"{'done' if s['done'] else 'MISSING':<8} {s['stage']:<15} {s['key']:<28} {rows:<12} {s['uri']}")
         print(f"{done}/{len(stages)} stages complete")
+        if h is not None:
+            print(f"state: {state}; lease held by {holder}")
     return 0 if done == len(stages) else 1
 
 

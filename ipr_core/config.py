@@ -167,6 +167,11 @@ class PipelineConfig(_Section):
 class StorageConfig(_Section):
     root: str = Field("./artifacts", description="Artifact root: a local directory, s3://bucket/prefix or any fsspec URL.")
     part_rows: int = Field(50_000, ge=1, description="Rows per Parquet part file.")
+    link_template: str | None = Field(
+        None,
+        description="How the UI links an object-store artifact: a URL with {bucket} and {key} (e.g. https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={key}/ "
+        "or a MinIO console URL); None: artifacts are described by their URI and the command that loads them (local roots always are: a browser cannot open a local path).",
+    )  # fmt: skip
 
 
 class IPRConfig(_Section):

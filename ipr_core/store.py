@@ -425,12 +425,21 @@ def write_checkpoint(
     meta: Mapping[str, Any] | None = None,
     stamp: Stamp | None = None,
 ) -> Manifest:
-    """Upload every file of ``local_dir`` to ``uri``, then the manifest."""
+    """Upload every file of ``local_dir`` to ``uri``, then the manifest.
+
+    The old manifest goes first (from then on the folder is incomplete, never a
+    mix that claims to be complete), and each file is written whole (a temporary
+    name and an atomic rename locally, one PUT on object stores); reads verify
+    every file against the manifest (``read_checkpoint``)."""
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise StoreError(f"checkpoint folder {local_dir} does not exist")
     fs, path = _fs(uri)
     fs.makedirs(path, exist_ok=True)
+    try:
+        fs.rm_file(posixpath.join(path, MANIFEST))
+    except FileNotFoundError:
+        pass
     parts = []
     for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
         rel = f.relative_to(local_dir).as_posix()
@@ -441,7 +450,7 @@ def write_checkpoint(
         if posixpath.dirname(rel):
             fs.makedirs(posixpath.dirname(target), exist_ok=True)
         if not (_is_local(fs) and Path(target).resolve() == f.resolve()):
-            fs.pipe_file(target, data)
+            _write_atomic(fs, target, data)
         parts.append(PartInfo(rel, 0, len(data), _sha256(data)))
     if not any(p.path.endswith(".safetensors") for p in parts):
         raise StoreError(f"checkpoint folder {local_dir} holds no .safetensors file")

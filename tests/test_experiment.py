@@ -102,7 +102,7 @@ def test_variants_share_upstream_and_a_killed_experiment_resumes(prefect_server,
     assert "ipr-s0/iter-01/model" in before and "ipr-no-step-s0/eval/test/iter-01" not in before
 
     # 2. rerun: nothing finished is recomputed, the rest completes
-    again = subprocess.run(IPR + ["experiment", "-c", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(IPR + ["experiment", "-c", str(path), "--take-over"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # the killed experiment left its leases
     assert again.returncode == 0, again.stderr[-4000:]
     after = _manifests(folder)
     assert {k for k in before if after[k].created_at != before[k].created_at} == set()

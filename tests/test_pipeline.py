@@ -99,7 +99,7 @@ def test_s3_run_kill_resume_and_deleted_artifact(prefect_server, moto_server, s3
     assert "iter-01/model" not in before
 
     # 3. rerun with the same config: only the unfinished shards and later stages execute
-    again = subprocess.run(IPR + ["resume", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(IPR + ["resume", run, "--take-over"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # the killed run left its lease
     assert again.returncode == 0, again.stderr[-4000:]
     after = _manifests(run)
     recomputed = {k for k in before if after[k][1] != before[k][1]}

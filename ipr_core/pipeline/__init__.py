@@ -73,8 +73,15 @@ def save_config(cfg: IPRConfig) -> str:
 def run_local(cfg: IPRConfig, *, until: str | None = None) -> list[Node]:
     """Execute every node of the run in order in this process (no Prefect);
     stop after the node whose key is ``until``. Returns the nodes executed."""
+    from ipr_core.lease import Lease
+
     check(cfg)
     run, root = run_uri(cfg), store.normalize_uri(cfg.storage.root)
+    with Lease(run):
+        return _run_nodes(cfg, run, root, until)
+
+
+def _run_nodes(cfg: IPRConfig, run: str, root: str, until: str | None) -> list[Node]:
     save_config(cfg)
     first = plan(cfg, 1)[0]  # the experts decide the shard count
     execute(first.call(run), cfg, root)
