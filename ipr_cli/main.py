@@ -18,7 +18,7 @@ from ipr_core import __version__
 from ipr_core.config import ConfigError
 
 # Command-group modules, in --help order.
-GROUPS = ["ipr_cli.config_cmd", "ipr_cli.artifacts", "ipr_cli.data", "ipr_cli.model", "ipr_cli.pipeline"]
+GROUPS = ["ipr_cli.config_cmd", "ipr_cli.artifacts", "ipr_cli.data", "ipr_cli.model", "ipr_cli.pipeline", "ipr_cli.export"]
 
 
 def add_config_args(p: argparse.ArgumentParser, what: str = "default: built-in defaults") -> None:

@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="print the per-iteration table of a run and its best model", description="Print the per-model table of a run (held-out success and reward, pairs, losses), then the best model (highest held-out mean reward; SFT and the iterations compete, as in the flow) and its checkpoint.")
     report.add_argument("run", help="the run folder, or an experiment folder (its variant x model table with intervals)")
     report.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+    report.add_argument("--out", metavar="DIR", help="experiments: also write DIR/<name>.md (the report, image linked) and DIR/<name>.png, e.g. for docs")
     report.set_defaults(func=_report)
     audit = sub.add_parser("audit", help="check a run's MC step rewards against a large-N reference", description="Re-estimate, with the run's SFT scorer and many rollouts, the expert's and the agent's step rewards at a sample of shared prefixes of one iteration; print the mean absolute error of the run's estimates and how often they order expert vs agent as the reference does. Writes RUN/audit/iter-NN.")
     audit.add_argument("run", help="the run folder (finished through the iteration's agent step rewards)")
@@ -198,6 +199,13 @@ def _experiment_report(args: argparse.Namespace, exp) -> int:
     from ipr_core.report import experiment_table
 
     res = results(exp, expand(exp))
+    if args.out:
+        from ipr_core.report import experiment_markdown, experiment_plot
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{exp.name}.png").write_bytes(experiment_plot(res))
+        (out / f"{exp.name}.md").write_text(experiment_markdown(res, f"{exp.name}.png"))
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
