@@ -135,7 +135,16 @@ def ipr_pipeline(config: IPRConfig, take_over: bool = False) -> dict:
         return _pipeline(cfg)
 
 
+def quiet_libraries() -> None:
+    """transformers' own "Loading weights" bar at every model load drowns the stages'
+    bars and log lines; each stage shows one progress bar of its own instead."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _pipeline(cfg: IPRConfig):
+    quiet_libraries()
     st, tick = Stages(cfg), _progress(cfg)
     save_config(cfg)
     first = [n for n in dag.prologue(cfg, 1) if n.stage in ("experts", "eval-tasks")]  # the experts decide the shard count

@@ -246,8 +246,10 @@ def _audit(args: argparse.Namespace) -> int:
     if args.rollouts < 1 or args.sample < 1 or args.iteration < 1:
         raise ValueError("--rollouts, --sample and --iteration must be at least 1")
     cfg = _saved_config(args.run)
+    from flows.ipr_pipeline import quiet_libraries
     from ipr_core.pipeline import run_uri
 
+    quiet_libraries()
     uri, meta = run_audit(cfg, run_uri(cfg), args.iteration, args.rollouts, args.sample)
     if args.json:
         print(json.dumps({"audit": uri, **meta}, indent=2))

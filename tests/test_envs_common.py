@@ -135,7 +135,7 @@ def test_unknown_environment_names_the_valid_ones(nothing_is_built):
         ("scienceworld", "heap, include_stochastic, max_steps, simplification, task_names, valid_actions"),
         (
             "intercode_sql",
-            "backend, cache_dir, dump_path, hardness, max_rows, max_steps, mysql_url, obs_limit, readonly_password, readonly_user, "
+            "backend, cache_dir, dump_path, hardness, max_cell_bytes, max_columns, max_result_bytes, max_rows, max_steps, mysql_url, obs_limit, readonly_password, readonly_user, "
             "split_by, split_seed, statement_timeout_s, tables_in_prompt, task_file, test_size",
         ),
     ],

@@ -15,6 +15,7 @@ SAMPLE_ROWS = {
     "sft": [{"messages": [{"role": "user", "content": "x"}], "task_id": "t0", "traj_id": "e0"}],
     "eval": [{"task_id": "t0", "model": "sft", "iteration": 0, "outcome_reward": 1.0, "success": True, "n_steps": 4, "error": None}],
     "metrics": [{"name": "loss", "value": 0.5, "step": 1}],
+    "audit": [{"branch_id": "it01|e0|j1", "task_id": "t0", "step": 2, "expert_estimate": 0.6, "agent_estimate": 0.2, "expert_reference": 0.7, "agent_reference": 0.4, "n": 3, "n_reference": 32}],
 }
 
 
