@@ -84,3 +84,23 @@ def test_config_check_runs_the_checks_alone(tmp_path):
     dask = check("-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}", "--set", "pipeline.task_runner=dask", "--set", "pipeline.dask_address=tcp://127.0.0.1:1")
     _one_error_line(dask, "pipeline.dask_address", "not reachable")
     assert not root.exists() and not (tmp_path / "prefect").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["env.val_tasks=4", "env.val_split=nope"], ["env.val_tasks=4", "env.val_split='nope'", "unknown split 'nope'"]),
+        (["env.eval_split=nope"], ["env.eval_tasks=32", "env.eval_split='nope'", "unknown split 'nope'"]),
+        (["env.name=intercode_sql", "env.options={}"], ["env.train_tasks=32 x training.sft.expert_episodes_multiplier=12", "384 requested"]),
+        (["env.name=intercode_sql", "env.options={}", "env.train_tasks=2", "training.sft.expert_episodes_multiplier=1", "env.eval_tasks=100000"], ["env.eval_tasks=100000", "requested"]),
+    ],
+)
+def test_task_counts_and_splits_fail_before_any_work(tmp_path, overrides, named):
+    """A split the environment lacks, or more tasks than it offers, fails at the check."""
+    pytest.importorskip("minigrid")
+    root = tmp_path / "artifacts"
+    env = {"PATH": str(Path(sys.executable).parent), "PREFECT_HOME": str(tmp_path / "prefect"), "HOME": str(tmp_path)}
+    sets = [x for o in overrides for x in ("--set", o)]
+    out = subprocess.run([sys.executable, "-m", "ipr_cli.main", "run", "-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}", *sets], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    _one_error_line(out, *named)
+    assert not root.exists() and not (tmp_path / "prefect").exists()

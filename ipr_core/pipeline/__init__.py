@@ -34,7 +34,8 @@ def run_uri(cfg: IPRConfig) -> str:
 def check(cfg: IPRConfig) -> None:
     """What can be checked before any work starts (a ConfigError or StoreError naming
     the field): the environment and its options, a user base model's folder, the
-    storage root (writable; an object store's credentials and endpoint)."""
+    storage root (writable; an object store's credentials and endpoint), the Dask
+    scheduler, and the task counts against what the environment offers."""
     from pathlib import Path
 
     from ipr_core.config import ConfigError
@@ -47,6 +48,30 @@ def check(cfg: IPRConfig) -> None:
     store.check_root(cfg.storage.root)
     if cfg.pipeline.task_runner == "dask" and cfg.pipeline.dask_address:
         _reachable("pipeline.dask_address", cfg.pipeline.dask_address)
+    _task_counts(cfg)
+
+
+def _task_counts(cfg: IPRConfig) -> None:
+    """A ConfigError naming the field when the environment cannot offer the tasks the
+    run asks for (the same listings the experts and eval-tasks stages make, done early)."""
+    from ipr_core.config import ConfigError
+    from ipr_core.envs.base import make_env
+
+    e = cfg.env
+    mult = cfg.training.sft.expert_episodes_multiplier
+    train = f"env.train_tasks={e.train_tasks}" + (f" x training.sft.expert_episodes_multiplier={mult}" if mult > 1 else "")
+    asked = [(train, "train", e.train_tasks * mult), (f"env.eval_tasks={e.eval_tasks} (env.eval_split={e.eval_split!r})", e.eval_split, e.eval_tasks)]
+    if e.val_tasks:
+        asked.append((f"env.val_tasks={e.val_tasks} (env.val_split={e.val_split!r})", e.val_split, e.val_tasks))
+    env = make_env(e.name, e.options, e.max_steps)
+    try:
+        for what, split, n in asked:
+            try:
+                env.list_tasks(split, n=n, seed=cfg.seed)
+            except ValueError as err:
+                raise ConfigError(f"{what}: {err}") from None
+    finally:
+        env.close()
 
 
 def _reachable(field: str, address: str, timeout_s: float = 5.0) -> None:
