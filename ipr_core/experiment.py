@@ -260,7 +260,7 @@ def _row(variant: str, model: str, runs: Sequence[dict], base: dict[int, dict], 
 def results(exp: ExperimentConfig, runs: Sequence[ExpRun]) -> dict[str, Any]:
     """The experiment's table: per variant, one row per evaluated model and a ``best`` row
     (per seed the model chosen on validation, its test numbers), and per-variant cost."""
-    per = [run_results(r) for r in runs]
+    per = [p for p in (run_results(r) for r in runs) if p["rows"]]  # runs not started yet count nowhere
     baseline = exp.baseline_variant
     base = {r["seed"]: r for r in per if r["variant"] == baseline}
     table, cost = [], {}
