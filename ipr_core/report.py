@@ -165,6 +165,7 @@ def experiment_plot(res: Mapping) -> bytes:
         if all(r.get("test_reward_lo") is not None for r in rows):
             ax.fill_between(xs, [r["test_reward_lo"] for r in rows], [r["test_reward_hi"] for r in rows], alpha=0.15)
     ax.set_xlabel("iteration (0 = SFT)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("test mean reward")
     ax.set_title(f"{res['experiment']}: mean over {len(res['seeds'])} seeds, 95% interval")
     ax.legend()
