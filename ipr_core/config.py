@@ -236,22 +236,28 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: {}); a ConfigError naming ``what`` and
+    the file when it is missing, not YAML, or not a mapping at the top level."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None) -> IPRConfig:
     """Load a YAML config (or the defaults), apply overrides, validate."""
     data: dict[str, Any] = dict(base or {})
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
-        data.update(loaded)
-        source = str(p)
+        data.update(read_yaml_mapping(path, "config file"))
+        source = str(path)
     data = apply_overrides(data, overrides)
     if overrides:
         source += " + overrides " + " ".join(overrides)

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ipr_core import store
-from ipr_core.config import ConfigError, IPRConfig, _format_validation_error, load_config
+from ipr_core.config import ConfigError, IPRConfig, _format_validation_error, load_config, read_yaml_mapping
 from ipr_core.stats import Interval, paired_bootstrap, seed_interval
 
 # Set per run by the experiment; a variant may not override them.
@@ -101,20 +100,11 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     """Read an experiment YAML; ``base:`` (a run config path, relative to the file) fills ``config``;
     ``overrides`` (from the command line) are appended to the file's."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"experiment file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"experiment file {p} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"experiment file {p} must hold a mapping at the top level")
+    data = read_yaml_mapping(p, "experiment file")
     base = data.pop("base", None)
     if base is not None:
         bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
-        if not bp.is_file():
-            raise ConfigError(f"{p}: base: config file not found: {bp}")
-        data["config"] = {**(yaml.safe_load(bp.read_text()) or {}), **data.get("config", {})}
+        data["config"] = {**read_yaml_mapping(bp, f"{p}: base: config file"), **data.get("config", {})}
     data["overrides"] = list(data.get("overrides") or []) + list(overrides)
     return experiment_from_json(data, str(p))
 
