@@ -170,7 +170,7 @@ def _pipeline(cfg: IPRConfig):
         uris[policy.key] = out["model_uri"]
         tick(f"iteration {k}")
         top, on, _ = summary.best(rows)
-        key = "val_mean_reward" if on == "val" else "mean_reward"
+        key = summary.SELECTED_BY[on]
         if cfg.pipeline.early_stop and top is not None and rows[-1][key] < top[key]:
             get_run_logger().info("%s reward fell (%.3f < best %.3f): stopping early", on, rows[-1][key], top[key])
             break
@@ -215,8 +215,7 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     """The report, the summary table and the links, as artifacts."""
     top, on, note = summary.best(rows)
     tag = top["model"] if top is not None else "sft"
-    ev = next(n for n in nodes if n.stage == "evaluate" and dict(n.params)["tag"] == tag)
-    best = (tag, store.join(st.run, dict(ev.inputs)["model_uri"]), on, note)
+    best = (tag, summary.evaluated_model(st.run, nodes, tag), on, note)
     expert_rewards = st.uri(next(n for n in nodes if n.stage == "expert-rewards"))
     agent = {n.iteration: store.join(st.run, n.key) for n in nodes if n.stage == "agent-rewards"}
     links = {"best model": best[1], "SFT model": store.join(st.run, "sft/model"), "expert step rewards": expert_rewards}

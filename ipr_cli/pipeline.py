@@ -185,13 +185,12 @@ def _status(args: argparse.Namespace) -> int:
 def best_model(run: str, nodes, rows: list[dict]) -> tuple[dict | None, str | None]:
     """The best model of ``rows`` as {"model", "uri", "mean_reward", "chosen_on"}, and a note (or None),
     chosen as the flow chooses it (``summary.best``: validation tasks where the run has them)."""
-    from ipr_core.pipeline.summary import best
+    from ipr_core.pipeline.summary import best, evaluated_model
 
     top, on, note = best(rows)
     if top is None:
         return None, note
-    ev = next(n for n in nodes if n.stage == "evaluate" and dict(n.params)["tag"] == top["model"])
-    return {"model": top["model"], "uri": ev.call(run).inputs["model_uri"], "mean_reward": top["mean_reward"], "val_mean_reward": top["val_mean_reward"], "chosen_on": on}, note
+    return {"model": top["model"], "uri": evaluated_model(run, nodes, top["model"]), "mean_reward": top["mean_reward"], "val_mean_reward": top["val_mean_reward"], "chosen_on": on}, note
 
 
 def _experiment_report(args: argparse.Namespace, exp) -> int:
@@ -254,7 +253,7 @@ def _audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"audit": uri, **meta}, indent=2))
         return 0
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    from ipr_core.report import number as fmt
     print(f"audit: {uri}")
     print(f"{meta['candidates']} expert/agent step pairs, N={meta['n']} against N={meta['n_reference']} ({meta['rollouts']} reference rollouts)")
     print(f"mean absolute error of the step rewards: {fmt(meta['mae'])}")

@@ -93,7 +93,9 @@ class ExpRun:
 
     @property
     def uri(self) -> str:
-        return store.join(store.normalize_uri(self.cfg.storage.root), self.cfg.run_name)
+        from ipr_core.pipeline import run_uri
+
+        return run_uri(self.cfg)
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -41,7 +41,8 @@ from ipr_core import code_version, ipr, store
 from ipr_core.config import ConfigError, IPRConfig, load_config
 from ipr_core.pipeline.dag import Node, run_plan
 from ipr_core.pipeline.stages import read_trajectories
-from ipr_core.pipeline.summary import best, result_rows
+from ipr_core.pipeline.summary import SELECTED_BY, best, result_rows
+from ipr_core.report import number
 from ipr_core.schemas import from_rows, get_schema
 
 FLAG = "--iteration"
@@ -93,7 +94,7 @@ def tag_of(iteration: int) -> str:
 
 
 def _best_reason(top: Mapping[str, Any], on: str) -> str:
-    key, what = ("val_mean_reward", "validation") if on == "val" else ("mean_reward", "test")
+    key, what = SELECTED_BY[on], ("validation" if on == "val" else "test")
     return f"the run's best model: the highest {what} mean reward ({top[key]:.{DIGITS}f}) among SFT and the iterations, chosen on the {what} tasks"
 
 
@@ -293,10 +294,6 @@ class CardFacts:
     export_command: str
 
 
-def _num(v: Any) -> str:
-    return f"{v:.{DIGITS}f}" if isinstance(v, (int, float)) else "-"
-
-
 def front_matter(cfg: IPRConfig) -> str:
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["ipr", "agent", "dpo", cfg.env.name]}
     hub = base_model_id(cfg.model.base)
@@ -358,7 +355,7 @@ def _data(f: CardFacts) -> str:
 def eval_table(rows: Sequence[Mapping[str, Any]], exported: str) -> str:
     """Every evaluated model: test success rate and mean reward, validation mean reward."""
     head = "| model | test success rate | test mean reward | validation mean reward |\n|---|---|---|---|\n"
-    lines = [f"| {'**' + r['model'] + '** (this model)' if r['model'] == exported else r['model']} | {_num(r.get('success_rate'))} | {_num(r.get('mean_reward'))} | {_num(r.get('val_mean_reward'))} |" for r in rows]
+    lines = [f"| {'**' + r['model'] + '** (this model)' if r['model'] == exported else r['model']} | {number(r.get('success_rate'), DIGITS)} | {number(r.get('mean_reward'), DIGITS)} | {number(r.get('val_mean_reward'), DIGITS)} |" for r in rows]
     notes = [f"- {r['model']}: {r['note']}" for r in rows if r.get("note")]
     return head + "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 

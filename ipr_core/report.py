@@ -144,8 +144,8 @@ def experiment_table(res: Mapping) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    cost = [f"{v}: {c['mc_rollouts'] or 0:.0f} MC rollouts, {_num(c.get('generated_tokens'), 0)} generated tokens, {c['wall_s'] or 0:.0f} s of stages per run" for v, c in res["cost"].items()]
-    audit = [f"audit {k}: MAE {_num(a['mae'])}, direction agreement {_num(a['direction_agreement'])} of {a['ordered']} ordered step pairs" for k, a in (res.get("audit") or {}).items()]
+    cost = [f"{v}: {c['mc_rollouts'] or 0:.0f} MC rollouts, {number(c.get('generated_tokens'), 0)} generated tokens, {c['wall_s'] or 0:.0f} s of stages per run" for v, c in res["cost"].items()]
+    audit = [f"audit {k}: MAE {number(a['mae'])}, direction agreement {number(a['direction_agreement'])} of {a['ordered']} ordered step pairs" for k, a in (res.get("audit") or {}).items()]
     return "\n".join(lines + ["", f"baseline: {res['baseline']}; best = chosen per seed on the {'/'.join(res['chosen_on'])} tasks, test numbers reported", *cost, *audit])
 
 
@@ -186,15 +186,16 @@ def experiment_markdown(res: Mapping, image: str, command: str | None = None) ->
     lines += ["| " + " | ".join(_experiment_cells(r)) + " |" for r in res["table"]]
     lines += ["", "Cost per run of each variant (mean over seeds; shared upstream stages counted in every variant, as if it ran alone; the last column is what the variant's runs computed themselves rather than copied):", ""]
     lines += ["| variant | MC rollouts | generated tokens | stage wall time (s) | computed, not copied (s) |", "|---|---|---|---|---|"]
-    lines += [f"| {v} | {c['mc_rollouts'] or 0:.0f} | {_num(c.get('generated_tokens'), 0)} | {c['wall_s'] or 0:.0f} | {c['computed_wall_s'] or 0:.0f} |" for v, c in res["cost"].items()]
+    lines += [f"| {v} | {c['mc_rollouts'] or 0:.0f} | {number(c.get('generated_tokens'), 0)} | {c['wall_s'] or 0:.0f} | {c['computed_wall_s'] or 0:.0f} |" for v, c in res["cost"].items()]
     if res.get("audit"):
         lines += ["", "Step-reward audit (iteration 1: the run's MC estimates against a large-N reference by the same scorer):", ""]
         lines += ["| run | step pairs | N | N reference | MAE | direction agreement | pairs over tau_s | of those, confirmed |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {a['candidates']} | {a.get('n', '-')} | {a.get('n_reference', '-')} | {_num(a['mae'])} | {_num(a['direction_agreement'])} ({a['ordered']} ordered) | {a['over_tau']} | {_num(a['over_tau_confirmed'])} |" for k, a in res["audit"].items()]
+        lines += [f"| {k} | {a['candidates']} | {a.get('n', '-')} | {a.get('n_reference', '-')} | {number(a['mae'])} | {number(a['direction_agreement'])} ({a['ordered']} ordered) | {a['over_tau']} | {number(a['over_tau_confirmed'])} |" for k, a in res["audit"].items()]
     return "\n".join(lines + ["", f"![reward per iteration]({image})", ""])
 
 
-def _num(v, digits: int = 3) -> str:
+def number(v, digits: int = 3) -> str:
+    """``v`` with ``digits`` decimals, or "-" when it is not a number (not measured)."""
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 

@@ -76,6 +76,15 @@ def _names(models: Sequence[str]) -> str:
     return models[0] if len(models) == 1 else f"{', '.join(models[:-1])} and {models[-1]}"
 
 
+SELECTED_BY = {"val": "val_mean_reward", "test": "mean_reward"}  # the split the best model is chosen on -> the row column
+
+
+def evaluated_model(run: str, nodes: Sequence[Node], tag: str) -> str:
+    """The URI of the checkpoint that the evaluations tagged ``tag`` scored."""
+    ev = next(n for n in nodes if n.stage == "evaluate" and dict(n.params)["tag"] == tag)
+    return store.join(run, dict(ev.inputs)["model_uri"])
+
+
 def best(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str, str | None]:
     """The best model of ``rows``, the split it was chosen on, and a note (or None).
 
@@ -84,7 +93,7 @@ def best(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str, st
     number is then reported, not selected on); otherwise the highest test mean
     reward, and the note says so. On a tie the earliest is kept."""
     on = "val" if any(isinstance(r.get("val_mean_reward"), (int, float)) for r in rows) else "test"
-    key = "val_mean_reward" if on == "val" else "mean_reward"
+    key = SELECTED_BY[on]
     trained = [r for r in rows if r["model"] != "base" and isinstance(r.get(key), (int, float))]
     if not trained:
         return None, on, "no trained model evaluated yet"
