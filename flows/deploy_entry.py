@@ -36,10 +36,8 @@ def ipr_from_config(config_path: str = "configs/demo.yaml", overrides: list[str]
 def ipr_experiment_from_file(experiment_path: str = "configs/experiment-gotoobj.yaml", overrides: list[str] | None = None) -> dict:
     """Load an experiment YAML (+ overrides for every run) and run the ``ipr-experiment`` flow."""
     from flows.ipr_experiment import ipr_experiment
-    from ipr_core.experiment import expand, load_experiment
-    from ipr_core.pipeline import check
+    from ipr_core.experiment import load_experiment
 
     exp = load_experiment(_file(experiment_path, "experiment_path"), overrides or [])
-    for r in expand(exp):
-        check(r.cfg)
+    # the flow checks every run before any work
     return ipr_experiment(exp.model_dump(mode="json"), f"ipr experiment -c {experiment_path}")

@@ -60,15 +60,20 @@ def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
+def _agrees(r: Mapping) -> bool:
+    """The estimates order expert vs agent as the references do."""
+    return _sign(r["expert_estimate"] - r["agent_estimate"]) == _sign(r["expert_reference"] - r["agent_reference"])
+
+
 def summary(audit_rows: Sequence[Mapping], tau: float) -> dict[str, Any]:
     """MAE of the estimates; direction agreement where the references differ; and, of
     the candidates the run would pair (estimates differ by more than tau_s), the share
     whose direction the references confirm."""
     errs = [abs(r[f"{s}_estimate"] - r[f"{s}_reference"]) for r in audit_rows for s in ("expert", "agent")]
     ordered = [r for r in audit_rows if r["expert_reference"] != r["agent_reference"]]
-    agree = [_sign(r["expert_estimate"] - r["agent_estimate"]) == _sign(r["expert_reference"] - r["agent_reference"]) for r in ordered]
+    agree = [_agrees(r) for r in ordered]
     margin = [r for r in audit_rows if abs(r["expert_estimate"] - r["agent_estimate"]) > tau]
-    confirmed = [_sign(r["expert_estimate"] - r["agent_estimate"]) == _sign(r["expert_reference"] - r["agent_reference"]) for r in margin]
+    confirmed = [_agrees(r) for r in margin]
     return {
         "candidates": len(audit_rows), "mae": math.fsum(errs) / len(errs) if errs else None,
         "ordered": len(ordered), "direction_agreement": sum(agree) / len(agree) if agree else None,
