@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from typing import Callable
+
 from ipr_core.types import Step, Task, Trajectory
 
 
@@ -43,3 +49,20 @@ TINY_DEPLOY = [
     "model.tiny.vocab_size=320", "model.tiny.tokenizer_corpus_episodes=4", "sampling.max_new_tokens=8", "sampling.history_turns=1",
     "training.sft.epochs=1", "training.sft.expert_episodes_multiplier=1", "training.ipr.epochs=1",
 ]
+
+
+def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout_s: float = 600) -> None:
+    """Return once ``ready()``; fail if ``proc`` ends first (``what``: what it should have
+    reached) or ``timeout_s`` passes."""
+    deadline = time.time() + timeout_s
+    while not ready():
+        assert proc.poll() is None, f"ended before {what}"
+        assert time.time() < deadline, f"{what} not reached within {timeout_s:.0f} s"
+        time.sleep(0.05)
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout_s: float = 600) -> None:
+    """SIGKILL ``proc``'s process group (started with start_new_session=True) once ``ready()``."""
+    wait_for(proc, ready, what, timeout_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -10,17 +10,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import TINY_RUN
+from helpers import TINY_RUN, kill_when
 from ipr_core import store
 from ipr_core.config import ConfigError
 from ipr_core.experiment import PAPER_VARIANTS, expand, load_experiment
@@ -91,13 +88,7 @@ def test_variants_share_upstream_and_a_killed_experiment_resumes(prefect_server,
 
     # 1. SIGKILL once the second variant has begun its own work (its pairs)
     proc = subprocess.Popen(IPR + ["experiment", "-c", str(path)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not store.exists(store.join(folder, "ipr-no-step-s0", "iter-01", "pairs")):
-        assert proc.poll() is None, "experiment ended before the second variant's pairs"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: store.exists(store.join(folder, "ipr-no-step-s0", "iter-01", "pairs")), "the second variant's pairs")
     before = _manifests(folder)
     assert "ipr-s0/iter-01/model" in before and "ipr-no-step-s0/eval/test/iter-01" not in before
 

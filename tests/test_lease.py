@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_RUN
+from helpers import TINY_RUN, wait_for
 from ipr_core import lease, store
 from prefect_fixtures import prefect_server  # noqa: F401
 
@@ -72,14 +72,6 @@ def test_the_heartbeat_refreshes_and_stops_when_taken(tmp_path, monkeypatch):
         assert lease.current(folder).holder == held.me.holder
 
 
-def _wait(path: Path, proc: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.time() + timeout_s
-    while not path.exists():
-        assert proc.poll() is None, "the first run ended early"
-        assert time.time() < deadline
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_two_runs_on_one_folder_and_a_take_over(prefect_server, tmp_path):  # noqa: F811
     _, env = prefect_server
@@ -87,7 +79,7 @@ def test_two_runs_on_one_folder_and_a_take_over(prefect_server, tmp_path):  # no
     args = ["run", "--set", f"storage.root={root}", "--set", "run_name=shared", *[x for o in TINY_RUN for x in ("--set", o)]]
     first = subprocess.Popen(IPR + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run = root / "shared"
-    _wait(run / "sft" / "model" / store.MANIFEST, first)
+    wait_for(first, (run / "sft" / "model" / store.MANIFEST).exists, "the first run's SFT")
 
     # a second run on the same folder is refused at once, naming the holder; nothing of it is written
     config_before = (run / "config.json").read_bytes()

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from helpers import kill_when
 from ipr_core import store
 from prefect_fixtures import prefect_server  # noqa: F401
 
@@ -85,13 +84,7 @@ def test_s3_run_kill_resume_and_deleted_artifact(prefect_server, moto_server, s3
     run = store.join(local_root, "same")
     proc = subprocess.Popen(IPR + ["run", "-c", str(cfg_local)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first_shard = store.join(run, "iter-01", "agent_mc", "shard-000")
-    deadline = time.time() + 600
-    while not store.exists(first_shard):
-        assert proc.poll() is None, "pipeline ended before agent MC"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: store.exists(first_shard), "agent MC")
     before = _manifests(run)
     n_shards = 4
     finished_mc = {k for k in before if k.startswith("iter-01/agent_mc/")}
