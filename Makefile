@@ -5,6 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= ipr_core
 
 .PHONY: setup demo test test-fast bench clean-venv

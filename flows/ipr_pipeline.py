@@ -26,8 +26,9 @@ from prefect.states import Completed
 from ipr_core import report as rep
 from ipr_core import store
 from ipr_core.config import IPRConfig, config_from_json
+from ipr_core.progress import logs_above_bars
 from ipr_core.lease import Lease
-from ipr_core.pipeline import check, dag, run_uri, save_config
+from ipr_core.pipeline import check, client_options, dag, run_uri, save_config
 from ipr_core.pipeline import summary
 from ipr_core.pipeline.summary import model_row, result_rows
 from tasks.common import configure, result_storage
@@ -131,16 +132,18 @@ def ipr_pipeline(config: IPRConfig, take_over: bool = False) -> dict:
     run on the same folder is refused; ``take_over`` takes a dead holder's lease."""
     cfg = config_from_json(config)
     check(cfg)
-    with Lease(run_uri(cfg), take_over):
+    with store.client_options(client_options(cfg)), Lease(run_uri(cfg), take_over):
         return _pipeline(cfg)
 
 
 def quiet_libraries() -> None:
     """transformers' own "Loading weights" bar at every model load drowns the stages'
-    bars and log lines; each stage shows one progress bar of its own instead."""
+    bars and log lines; each stage shows one progress bar of its own instead, and
+    log lines (Prefect's console handler included) are written above the bars."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    logs_above_bars()
 
 
 def _pipeline(cfg: IPRConfig):

@@ -15,6 +15,11 @@ from ipr_core.config import ConfigError, IPRConfig, config_from_json, load_confi
 def _prefect_env() -> None:
     # Offline-friendly defaults; a user's own settings win.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's client-side telemetry, and the "Prefect collects anonymous usage
+    # data" notice it prints on a terminal, obey only DO_NOT_TRACK: with analytics
+    # off, keep the client quiet too.
+    if os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"].lower() in ("false", "0", "no"):
+        os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ipr_core")
     # The local ephemeral API's first start on a fresh PREFECT_HOME runs the
     # database migrations, which on 2 cores takes longer than Prefect's default

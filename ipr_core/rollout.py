@@ -47,6 +47,7 @@ from typing import Callable, NamedTuple, Sequence, TypeVar
 from ipr_core.conversation import render_context
 from ipr_core.envs.base import Environment, StepResult
 from ipr_core.policies.base import LanedPolicy, Policy, SamplingParams
+from ipr_core.progress import bar
 from ipr_core.seeding import derive_seed
 from ipr_core.types import MalformedAction, Step, Task, Trajectory, parse_react
 
@@ -306,7 +307,7 @@ class _LockStep:
         self.queue: deque[_Episode] = deque(_Episode(i, s) for i, s in enumerate(specs))
         self.active: dict[int, _Episode] = {}  # slot -> episode
         self.tally = _Tally()
-        self.bar = _progress_bar(progress, len(specs))
+        self.bar = bar(len(specs), progress, "ep") if progress else None
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ipr-env") if workers > 1 else None
         self.lanes, self.n_lanes = _lanes(policy, n_slots, batch_size)
         self.in_flight: dict[int, list[_Row]] = {}  # lane -> the rows it is answering
@@ -548,9 +549,3 @@ def _guard(fn: Callable[[], None]) -> BaseException | None:
         return e
 
 
-def _progress_bar(desc: str | None, total: int):
-    if not desc:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="ep", leave=False)

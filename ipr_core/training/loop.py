@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from ipr_core.progress import bar
 from ipr_core.training.common import Runtime, TrainingError
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,6 @@ class Budget:
         return time.perf_counter() - self.t0
 
 
-def progress_bar(total: int, desc: str | None, rt: Runtime):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=desc is None or not rt.is_main, unit="step", leave=False)
-
-
 def log_every(total: int) -> int:
     return max(1, total // 10)
 
@@ -229,7 +224,7 @@ def run_loop(
     steps = batches.steps
     opt, sched = make_optimizer(model, cfg.lr, steps, cfg.warmup_ratio, scheduler, rt.device)
     scorer.train()
-    budget, bar, hist, tokens, cut = Budget(cfg.max_time_s), progress_bar(steps, progress, rt), [], 0, False
+    budget, pbar, hist, tokens, cut = Budget(cfg.max_time_s), bar(steps, progress, "step", disable=not rt.is_main), [], 0, False
     for i, indices in enumerate(batches):
         if rt.any_process(budget.spent()):
             cut = True
@@ -240,11 +235,11 @@ def run_loop(
         tokens += step.tokens
         grad_norm = optimizer_step(model, opt, sched)
         hist.append(step.metrics() | {"lr": lr, "grad_norm": grad_norm})
-        bar.update(1)
-        bar.set_postfix(**step.postfix(hist[-1]))
+        pbar.update(1)
+        pbar.set_postfix(**step.postfix(hist[-1]))
         if i % log_every(steps) == 0 or i == steps - 1:
             log.info("%s step %d/%d %s", name, i + 1, steps, step.describe(hist[-1]))
-    bar.close()
+    pbar.close()
     result = LoopResult(steps, tuple(hist), budget.elapsed(), tokens, cut)
     check_cut(result, cfg, name)
     return result
