@@ -20,7 +20,7 @@ from ipr_core import store
 from ipr_core.audit import run_audit
 from ipr_core.lease import Lease
 from ipr_core.experiment import audited, expand, experiment_from_json, experiment_uri, results, save_experiment
-from ipr_core.pipeline import check
+from ipr_core.pipeline import check, client_options
 from flows.ipr_pipeline import artifact_key, ipr_pipeline, task_runner
 
 
@@ -38,7 +38,7 @@ def ipr_experiment(experiment: dict, command: str | None = None, take_over: bool
     runs = expand(exp)
     for r in runs:
         check(r.cfg)
-    with Lease(experiment_uri(exp), take_over):
+    with store.client_options(client_options(runs[0].cfg)), Lease(experiment_uri(exp), take_over):
         return _experiment(exp, runs, command, take_over)
 
 

@@ -172,6 +172,11 @@ class StorageConfig(_Section):
         description="How the UI links an object-store artifact: a URL with {bucket} and {key} (e.g. https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={key}/ "
         "or a MinIO console URL); None: artifacts are described by their URI and the command that loads them (local roots always are: a browser cannot open a local path).",
     )  # fmt: skip
+    # Object stores (s3://): one call waits at most ~max_attempts x (connect + read) before it fails.
+    connect_timeout_s: float = Field(5.0, gt=0, description="Object stores: seconds to wait for a connection per attempt.")
+    read_timeout_s: float = Field(60.0, gt=0, description="Object stores: seconds to wait for a response per attempt (a stalled endpoint fails after max_attempts of these).")
+    max_attempts: int = Field(3, ge=1, description="Object stores: attempts per call (botocore's standard retry mode: timeouts, throttling, 5xx).")
+    check_timeout_s: float = Field(15.0, gt=0, description="Object stores: how long the check before a run waits for the bucket to answer.")
 
 
 class IPRConfig(_Section):

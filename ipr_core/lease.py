@@ -13,6 +13,7 @@ gone (its PID is dead on this host, or its heartbeat is older than
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import socket
@@ -95,25 +96,40 @@ class Lease:
 
     def acquire(self) -> "Lease":
         check_free(self.folder, self.take_over)
-        fs, path = store._fs(self.uri)
-        if store._is_local(fs) and current(self.folder) is None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:  # exclusive create: of two runs starting at once, one wins
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                check_free(self.folder, False)  # raises, naming the winner
-                raise
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(asdict(self.me)))
-        else:
+        if current(self.folder) is None:
+            self._create()
+        else:  # a dead holder's lease, taken over (check_free allowed it): overwrite, then see who won
             self._write(self.me.heartbeat)
-            time.sleep(0.2)  # object stores: let a racing writer land, then see who won
+            time.sleep(0.2)
         h = current(self.folder)
         if h is None or h.holder != self.me.holder:
             raise LeaseHeld(f"{self.folder} was taken by another run at the same moment ({h.describe() if h else 'unknown'})")
-        self._beat = threading.Thread(target=self._heartbeat, name="ipr-lease-heartbeat", daemon=True)
+        # The heartbeat writes with the store options in force here (timeouts, retries).
+        self._beat = threading.Thread(target=contextvars.copy_context().run, args=(self._heartbeat,), name="ipr-lease-heartbeat", daemon=True)
         self._beat.start()
         return self
+
+    def _create(self) -> None:
+        """Write the lease only if none exists: of runs starting at the same instant,
+        exactly one wins (local: O_EXCL; S3: a conditional PUT, If-None-Match: *;
+        other fsspec stores: their exclusive mode, atomic where they support it)."""
+        fs, path = store._fs(self.uri)
+        data = json.dumps(asdict(self.me)).encode()
+        try:
+            if store._is_local(fs):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            else:
+                fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            for _ in range(10):  # the winner's file may be mid-write for a moment
+                check_free(self.folder, False)  # raises, naming the winner
+                time.sleep(0.2)
+            if not self.take_over:
+                raise LeaseHeld(f"{self.uri} exists but cannot be read: if no run uses {self.folder}, rerun with --take-over") from None
+            self._write(self.me.heartbeat)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -14,6 +14,8 @@ Any fsspec URL works: a local path (default ``./artifacts``), ``s3://bucket/pref
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import io
 import json
@@ -23,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -87,15 +89,44 @@ class Manifest:
             raise StoreError(f"{where}: corrupt manifest ({e})") from None
 
 
-# Bounded waits on object stores: botocore's defaults (60 s connect and read,
-# retried) turn an unreachable endpoint into minutes of silence. These make it
-# an error within about a minute; check_root finds it before any work, faster.
-S3_CLIENT_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+@dataclass(frozen=True)
+class ClientOptions:
+    """Bounded waits on object stores (``storage.connect_timeout_s`` ...).
+
+    botocore's defaults (60 s connect and read, retried, and s3fs retrying each
+    call 5 more times) turn a stalled endpoint into many minutes of silence. Here
+    one call waits at most about ``max_attempts * (connect_timeout_s +
+    read_timeout_s)`` plus backoff before it fails; s3fs's own retry loop is cut
+    to one try so botocore's ``max_attempts`` is the only retry count."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    max_attempts: int = 3
+
+    def config_kwargs(self) -> dict[str, Any]:
+        return {"connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s, "retries": {"max_attempts": self.max_attempts, "mode": "standard"}}
+
+
+# The options in force for this call chain: set by a run (its flow, each task) from
+# its config; threads the store starts carry them along (contextvars.copy_context).
+_CLIENT: contextvars.ContextVar[ClientOptions] = contextvars.ContextVar("ipr_store_client", default=ClientOptions())
+
+
+@contextlib.contextmanager
+def client_options(opts: ClientOptions) -> Iterator[ClientOptions]:
+    token = _CLIENT.set(opts)
+    try:
+        yield opts
+    finally:
+        _CLIENT.reset(token)
 
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    kwargs = {"config_kwargs": S3_CLIENT_CONFIG} if uri.startswith(("s3://", "s3a://")) else {}
-    fs, path = fsspec.core.url_to_fs(uri, **kwargs)
+    if not uri.startswith(("s3://", "s3a://")):
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs, path.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(uri, config_kwargs=_CLIENT.get().config_kwargs())
+    fs.retries = 1  # s3fs's retry loop on top of botocore's; see ClientOptions
     return fs, path.rstrip("/")
 
 
@@ -138,7 +169,7 @@ def _probe(uri: str, timeout_s: float) -> None:
         except BaseException as e:  # noqa: BLE001 - reported below, with the URI
             outcome.append(e)
 
-    t = threading.Thread(target=probe, name="ipr-storage-probe", daemon=True)
+    t = threading.Thread(target=contextvars.copy_context().run, args=(probe,), name="ipr-storage-probe", daemon=True)
     t.start()
     t.join(timeout_s)
     if not outcome:

@@ -29,7 +29,7 @@ from prefect.runtime import task_run
 from ipr_core import store
 from ipr_core.config import IPRConfig, config_from_json
 from ipr_core.envs.base import EnvError
-from ipr_core.pipeline import Call, Stage, execute
+from ipr_core.pipeline import Call, Stage, client_options, execute
 from ipr_core.pipeline.runner import input_digests
 from ipr_core.pipeline.stage import identity
 from ipr_core.policies.base import PolicyError
@@ -90,7 +90,8 @@ def stage_task(st: Stage) -> Task:
 
     def run(cfg: dict, out: str, inputs: dict[str, Any], params: dict[str, Any]) -> str:
         c = config_from_json(cfg)
-        return execute(Call(st, out, params, inputs), c, store.normalize_uri(c.storage.root))
+        with store.client_options(client_options(c)):
+            return execute(Call(st, out, params, inputs), c, store.normalize_uri(c.storage.root))
 
     run.__name__ = run.__qualname__ = st.fn.__name__
     run.__doc__ = st.doc

@@ -27,9 +27,10 @@ def test_bad_input_fails_before_any_work(tmp_path, override, named):
     assert not root.exists() and not (tmp_path / "prefect").exists()  # no artifact, no Prefect home: nothing started
 
 
-def _run_cli(tmp_path: Path, root: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def _run_cli(tmp_path: Path, root: str, extra_env: dict | None = None, *sets: str) -> subprocess.CompletedProcess:
     env = {"PATH": str(Path(sys.executable).parent), "PREFECT_HOME": str(tmp_path / "prefect"), "HOME": str(tmp_path), **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "ipr_cli.main", "run", "-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    args = [a for kv in sets for a in ("--set", kv)]
+    return subprocess.run([sys.executable, "-m", "ipr_cli.main", "run", "-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def _one_error_line(out: subprocess.CompletedProcess, *named: str) -> str:
@@ -64,8 +65,8 @@ def test_a_stalled_s3_endpoint_is_an_error_not_a_hang(tmp_path):
         silent.listen(16)  # the kernel completes handshakes; nothing ever replies
         port = silent.getsockname()[1]
         creds = {"AWS_ACCESS_KEY_ID": "fake", "AWS_SECRET_ACCESS_KEY": "fake", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-        out = _run_cli(tmp_path, "s3://some-bucket/runs", creds)
-    _one_error_line(out, "storage.root", "no answer from", f"127.0.0.1:{port}", "within 15 s")  # the probe's bound ended it (the subprocess timeout guards a hang)
+        out = _run_cli(tmp_path, "s3://some-bucket/runs", creds, "storage.check_timeout_s=3")
+    _one_error_line(out, "storage.root", "no answer from", f"127.0.0.1:{port}", "within 3 s")  # the configured bound ended it (the subprocess timeout guards a hang)
     assert not (tmp_path / "prefect").exists()
 
 

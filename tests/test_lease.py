@@ -72,6 +72,40 @@ def test_the_heartbeat_refreshes_and_stops_when_taken(tmp_path, monkeypatch):
         assert lease.current(folder).holder == held.me.holder
 
 
+_CONTENDER = """
+import sys, time
+from ipr_core import lease
+folder, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every contender asks at the same instant
+try:
+    with lease.Lease(folder):
+        print("won", flush=True)
+        time.sleep(3)  # hold it while the others are refused
+except lease.LeaseHeld as e:
+    print("refused:", e, flush=True)
+"""
+
+
+def _contend(folder: str, n: int) -> list[str]:
+    start = time.time() + 4  # after every interpreter has imported ipr_core
+    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, folder, str(start)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    return [o[0].strip() for o in outs]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_runs_that_start_at_the_same_instant_get_one_lease(tmp_path, request, where):
+    """Of processes asking for one folder's lease at the very same moment, exactly
+    one wins (local: O_EXCL; S3: a conditional PUT on a real S3 API), and every
+    other is refused naming a holder."""
+    folder = str(tmp_path / "run") if where == "local" else store.join(request.getfixturevalue("s3_root"), "race")
+    results = _contend(folder, 6)
+    assert sum(r == "won" for r in results) == 1, results
+    assert all(r.startswith("refused:") and ("in use by another run" in r or "at the same moment" in r) for r in results if r != "won"), results
+    assert lease.current(folder) is None  # the winner released it
+
+
 @pytest.mark.slow
 def test_two_runs_on_one_folder_and_a_take_over(prefect_server, tmp_path):  # noqa: F811
     _, env = prefect_server

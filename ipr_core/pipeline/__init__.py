@@ -23,12 +23,19 @@ from ipr_core.pipeline.stage import Context, Folder, Rows, Stage, stage
 from ipr_core.pipeline.stages import STAGES
 from ipr_core.pipeline.view import UndeclaredRead
 
-__all__ = ["STAGES", "Call", "Context", "Folder", "Node", "Rows", "Stage", "UndeclaredRead", "check", "execute", "plan", "run_local", "run_plan", "run_uri", "save_config", "shard_count", "stage"]
+__all__ = ["STAGES", "Call", "Context", "Folder", "Node", "Rows", "Stage", "UndeclaredRead", "check", "client_options", "execute", "plan", "run_local", "run_plan", "run_uri", "save_config", "shard_count", "stage"]
 
 
 def run_uri(cfg: IPRConfig) -> str:
     """The run folder: ``{storage.root}/{run_name}``."""
     return store.join(store.normalize_uri(cfg.storage.root), cfg.run_name)
+
+
+def client_options(cfg: IPRConfig) -> store.ClientOptions:
+    """The object-store timeouts and retries of ``storage``; a run's flow and each
+    of its tasks call the store under them (``with store.client_options(...)``)."""
+    s = cfg.storage
+    return store.ClientOptions(s.connect_timeout_s, s.read_timeout_s, s.max_attempts)
 
 
 def check(cfg: IPRConfig) -> None:
@@ -45,7 +52,8 @@ def check(cfg: IPRConfig) -> None:
     base = cfg.model.base
     if base != "tiny" and not (Path(base) / "config.json").is_file():
         raise ConfigError(f"model.base={base!r} is neither 'tiny' nor a local checkpoint folder (no {Path(base) / 'config.json'})")
-    store.check_root(cfg.storage.root)
+    with store.client_options(client_options(cfg)):
+        store.check_root(cfg.storage.root, cfg.storage.check_timeout_s)
     if cfg.pipeline.task_runner == "dask" and cfg.pipeline.dask_address:
         _reachable("pipeline.dask_address", cfg.pipeline.dask_address)
     _task_counts(cfg)
