@@ -33,16 +33,18 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def run_prefect_server(home: Path, server_env: dict | None = None):
+def run_prefect_server(home: Path, server_env: dict | None = None, ui: bool = False):
     """`prefect server start` on 127.0.0.1 on a free port, stopped by PID; yields (api_url, env for subprocesses).
 
-    ``server_env`` adds settings for the server process only (e.g. a faster scheduler loop).
-    The log is ``home / "server.log"``.
+    ``server_env`` adds settings for the server process only (e.g. a faster scheduler loop);
+    ``ui`` serves the web UI too, pointed at this server's API. The log is ``home / "server.log"``.
     """
     port = free_port()
     env = prefect_env(home)
     env.update(server_env or {})
     env["PREFECT_SERVER_API_PORT"] = str(port)
+    if ui:
+        env.update(PREFECT_UI_ENABLED="true", PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
