@@ -97,6 +97,12 @@ class MCConfig(_Section):
     n_rollouts: int = Field(5, ge=1, description="Scorer rollouts per step (Eq. 3-5, paper N=5).")
     temperature: float = Field(1.0, gt=0, description="Scorer sampling temperature (paper 1.0).")
     shard_size: int = Field(16, ge=1, description="Trajectories per MC/exploration shard (the unit of caching and resume).")
+    score_all_branches: bool = Field(
+        False,
+        description="Run agent MC on every exploration branch. Off (default): a branch that cannot make a step pair whatever its step reward "
+        "(its outcome within pairs.tau_outcome of the expert's, or pairs.step_pairs off) gets no rollouts; exact for the pairs. "
+        "On: every branch is scored (step-reward audits, training a reward model).",
+    )  # fmt: skip
 
 
 class PairsConfig(_Section):

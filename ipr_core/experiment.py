@@ -143,13 +143,15 @@ def expand(exp: ExperimentConfig) -> list[ExpRun]:
 
 
 def audited(exp: ExperimentConfig, runs: Sequence[ExpRun]) -> list[ExpRun]:
-    """The runs the audit covers: per seed, the first with an iteration (iteration 1
-    explores with the SFT model in every variant, so any one of them stands for all)."""
+    """The runs the audit covers: per seed, the first with an iteration that scores
+    agent steps (iteration 1 explores with the SFT model in every variant, so any
+    one of them stands for all; a variant without step pairs, like eto, runs no
+    agent MC unless ``mc.score_all_branches``)."""
     if not exp.audit_rollouts:
         return []
     out = {}
     for r in runs:
-        if r.cfg.pipeline.iterations >= 1:
+        if r.cfg.pipeline.iterations >= 1 and (r.cfg.pairs.step_pairs or r.cfg.mc.score_all_branches):
             out.setdefault(r.seed, r)
     return list(out.values())
 

@@ -56,6 +56,28 @@ def branch_targets(branches: Iterable[tuple[str, Trajectory]]) -> list[MCTarget]
     return out
 
 
+def can_make_step_pair(branch: Trajectory, expert_outcome: float, tau_outcome: float, step_pairs: bool = True) -> bool:
+    """Whether a j >= 1 branch could make a step pair whatever its step reward.
+
+    Eq. 8-9 ask for the step margin tau_s AND the outcome margin tau_o in the same
+    direction, so a branch whose outcome is within tau_o of its expert's (or any
+    branch, with step pairs off) makes no pair: its MC rollouts would change nothing.
+    """
+    return step_pairs and _winner(expert_outcome, branch.outcome_reward, tau_outcome) is not None
+
+
+def pairable_targets(targets: Sequence[MCTarget], expert_outcomes: Mapping[str, float], tau_outcome: float, step_pairs: bool = True) -> list[MCTarget]:
+    """The branch targets whose step reward can decide a pair (``can_make_step_pair``,
+    with ``pairs.tau_outcome`` and ``pairs.step_pairs``); ``expert_outcomes`` maps
+    expert trajectory id -> outcome reward."""
+    out = []
+    for t in targets:
+        expert_id = t.branch_id.split("|")[1]
+        if expert_id in expert_outcomes and can_make_step_pair(t.traj, expert_outcomes[expert_id], tau_outcome, step_pairs):
+            out.append(t)
+    return out
+
+
 def is_last_step(target: MCTarget) -> bool:
     """The last step of a finished episode: its step reward is the outcome itself."""
     return target.step == len(target.traj.steps) and target.traj.done

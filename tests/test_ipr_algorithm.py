@@ -150,3 +150,39 @@ def test_eval_summary_and_sft_rows():
     sft = ipr.sft_rows([EXPERT, T("f", ["q"], 0.0)])
     assert len(sft) == 1 and sft[0]["messages"][-1]["content"] == "Thought: th c\nAction: c"
     from_rows(sft, "sft")
+
+
+def _branches_around(expert):
+    """j >= 1 branches with outcomes below, near and above the expert's (1.0 here)."""
+    return [
+        T("it01|e0|j1", ["a", "x", "y"], 0.0, prefix_len=1, source="agent"),  # fails: margin met
+        T("it01|e0|j2", ["a", "b", "z"], 0.95, prefix_len=2, source="agent"),  # within tau_o: cannot pair
+        T("it01|e1|j1", ["a", "q", "c"], 1.0, prefix_len=1, source="agent"),  # same outcome as e1's: cannot pair
+    ]
+
+
+def test_only_branches_that_can_make_a_step_pair_are_scored():
+    targets = ipr.branch_targets([(b.traj_id, b) for b in _branches_around(EXPERT)])
+    kept = ipr.pairable_targets(targets, {"e0": EXPERT.outcome_reward, "e1": 1.0}, RULES.tau_outcome)
+    assert [t.branch_id for t in kept] == ["it01|e0|j1"]
+    # no step pairs at all (ETO): nothing needs agent MC
+    assert ipr.pairable_targets(targets, {"e0": 1.0}, 0.1, step_pairs=False) == []
+    # a wider outcome margin rules the failing branch out too; tau_o = 0 keeps the near one
+    assert ipr.pairable_targets(targets, {"e0": 1.0}, 1.0) == []
+    assert [t.branch_id for t in ipr.pairable_targets(targets, {"e0": 1.0}, 0.0)] == ["it01|e0|j1", "it01|e0|j2"]
+
+
+@pytest.mark.parametrize("agent_reward", [0.0, 0.3, 0.95, 1.0])
+def test_pairs_from_skipped_branches_equal_pairs_from_all(agent_reward):
+    """Skipping is exact: whatever step rewards the skipped branches would have had,
+    build_pairs makes the same pairs from the scored subset."""
+    branches = _branches_around(EXPERT)
+    targets = ipr.branch_targets([(b.traj_id, b) for b in branches])
+    experts = [EXPERT, T("e1", ["a", "b", "c"], 1.0)]
+    expert_r = [{"branch_id": e, "step": s, "reward": 0.6} for e in ("e0", "e1") for s in (2, 3)]
+    everyone = expert_r + [{"branch_id": t.branch_id, "step": t.step, "reward": agent_reward} for t in targets]
+    kept = {(t.branch_id, t.step) for t in ipr.pairable_targets(targets, {"e0": 1.0, "e1": 1.0}, RULES.tau_outcome)}
+    scored = expert_r + [r for r in everyone[len(expert_r):] if (r["branch_id"], r["step"]) in kept]
+    assert len(scored) < len(everyone)
+    for rules in (RULES, ipr.PairRules(0.1, 0.1, step_variant="single_action")):
+        assert ipr.build_pairs(experts, branches, scored, rules, 1) == ipr.build_pairs(experts, branches, everyone, rules, 1)

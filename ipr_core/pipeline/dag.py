@@ -88,8 +88,8 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
     by = {n.stage: n for n in prologue_nodes}
     experts, sft = by["experts"], by["sft"]
     explore = [node("explore", policy_uri=policy, experts_uri=experts, iteration=k, shard=s) for s in range(shards)]
-    mc = [node("agent-mc", scorer_uri=sft, branches_uri=e, iteration=k, shard=s) for s, e in enumerate(explore)]
-    rewards = node("agent-rewards", branches_uris=explore, mc_uris=mc, iteration=k)
+    mc = [node("agent-mc", scorer_uri=sft, branches_uri=e, experts_uri=experts, iteration=k, shard=s) for s, e in enumerate(explore)]
+    rewards = node("agent-rewards", branches_uris=explore, experts_uri=experts, mc_uris=mc, iteration=k)
     pairs = node("pairs", experts_uri=experts, branches_uris=explore, expert_rewards_uri=by["expert-rewards"], agent_rewards_uri=rewards, iteration=k)
     reference = sft if cfg.training.ipr.reference == "sft" else policy
     model = node("train", policy_uri=policy, reference_uri=reference, pairs_uri=pairs, experts_uri=experts, iteration=k)

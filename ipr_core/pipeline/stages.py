@@ -195,11 +195,34 @@ def expert_mc(ctx: Context, scorer_uri: str, experts_uri: str, shard: int) -> Ro
     return _mc(ctx, scorer_uri, ipr.expert_targets(_shard(ctx.cfg, experts_uri, shard)))
 
 
-@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=MC, cost=EPISODE_COST)
-def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, iteration: int, shard: int) -> Rows:
-    """Stage 1 for the agent: N scorer rollouts after each branch's first own action."""
-    branches = read_trajectories(branches_uri, "branches")
-    return _mc(ctx, scorer_uri, ipr.branch_targets([(b.traj_id, b) for b in branches]))
+# What decides which branches agent MC scores (ipr.pairable_targets).
+AGENT_TARGETS = (*TRAIN_SET, "pairs.tau_outcome", "pairs.step_pairs", "mc.score_all_branches")
+
+
+def pair_rules(cfg) -> ipr.PairRules:
+    p = cfg.pairs
+    return ipr.PairRules(p.tau_step, p.tau_outcome, p.step_variant, p.outcome_pairs, p.step_pairs)
+
+
+def _agent_targets(cfg, branches: Sequence[Trajectory], experts_uri: str) -> tuple[list, int]:
+    """The branches' MC targets (the agent's first own action), less those that cannot
+    make a pair unless ``mc.score_all_branches``; and how many were left out."""
+    targets = ipr.branch_targets([(b.traj_id, b) for b in branches])
+    if cfg.mc.score_all_branches:
+        return targets, 0
+    outcomes = {e.traj_id: e.outcome_reward for e in ipr_experts(cfg, read_trajectories(experts_uri))}
+    kept = ipr.pairable_targets(targets, outcomes, cfg.pairs.tau_outcome, cfg.pairs.step_pairs)
+    return kept, len(targets) - len(kept)
+
+
+@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS), cost=EPISODE_COST)
+def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
+    """Stage 1 for the agent: N scorer rollouts after each branch's first own action
+    (branches that cannot make a pair are skipped: ``mc.score_all_branches``)."""
+    targets, skipped = _agent_targets(ctx.cfg, read_trajectories(branches_uri, "branches"), experts_uri)
+    out = _mc(ctx, scorer_uri, targets)
+    n = ctx.cfg.mc.n_rollouts
+    return Rows(out.rows, {**out.meta, "skipped_targets": skipped, "skipped_rollouts": skipped * n})
 
 
 def _rewards(targets, mc_uris: Sequence[str]) -> Rows:
@@ -213,10 +236,10 @@ def expert_rewards(ctx: Context, experts_uri: str, mc_uris: list[str]) -> Rows:
     return _rewards(ipr.expert_targets(ipr_experts(ctx.cfg, read_trajectories(experts_uri))), mc_uris)
 
 
-@stage("agent-rewards", path="iter-{iteration:02d}/agent_rewards", kind="step_rewards", reads=())
-def agent_rewards(ctx: Context, branches_uris: list[str], mc_uris: list[str], iteration: int) -> Rows:
-    """Eq. 3-5 over the agent's first own action of every branch."""
-    return _rewards(ipr.branch_targets([(b.traj_id, b) for b in _branches(branches_uris)]), mc_uris)
+@stage("agent-rewards", path="iter-{iteration:02d}/agent_rewards", kind="step_rewards", reads=AGENT_TARGETS)
+def agent_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, mc_uris: list[str], iteration: int) -> Rows:
+    """Eq. 3-5 over the agent's first own action of every branch agent MC scored."""
+    return _rewards(_agent_targets(ctx.cfg, _branches(branches_uris), experts_uri)[0], mc_uris)
 
 
 @stage("explore", path="iter-{iteration:02d}/explore/shard-{shard:03d}", kind="branches", reads=(*EPISODES, *TRAIN_SET, "mc.shard_size", "sampling.explore_temperature"), cost=EPISODE_COST)
@@ -231,10 +254,8 @@ def explore(ctx: Context, policy_uri: str, experts_uri: str, iteration: int, sha
 @stage("pairs", path="iter-{iteration:02d}/pairs", kind="pairs", reads=(*TRAIN_SET, "pairs"))
 def pairs(ctx: Context, experts_uri: str, branches_uris: list[str], expert_rewards_uri: str, agent_rewards_uri: str, iteration: int) -> Rows:
     """Stage 3 (Eq. 6-9): outcome pairs (j = 0) and step pairs (j >= 1)."""
-    p = ctx.cfg.pairs
     rewards = store.read_rows(expert_rewards_uri, "step_rewards") + store.read_rows(agent_rewards_uri, "step_rewards")
-    rules = ipr.PairRules(p.tau_step, p.tau_outcome, p.step_variant, p.outcome_pairs, p.step_pairs)
-    rows = ipr.build_pairs(ipr_experts(ctx.cfg, read_trajectories(experts_uri)), _branches(branches_uris), rewards, rules, iteration)
+    rows = ipr.build_pairs(ipr_experts(ctx.cfg, read_trajectories(experts_uri)), _branches(branches_uris), rewards, pair_rules(ctx.cfg), iteration)
     counts = {"outcome": sum(r["kind"] == "outcome" for r in rows), "step": sum(r["kind"] == "step" for r in rows)}
     log.info("iteration %d pairs: %s", iteration, counts)
     return Rows(rows, counts)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from ipr_core import store
 from ipr_core.pipeline.dag import Node
 
-COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_step_reward_mean", "explore_mc_s", "pairs_s", "train_s", "eval_s", "note")
+COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_mc_rollouts", "agent_mc_skipped", "agent_step_reward_mean", "explore_mc_s", "pairs_s", "train_s", "eval_s", "note")
 # Which stages' wall time each time column sums.
 TIMES = {"explore_mc_s": ("explore", "agent-mc", "agent-rewards"), "pairs_s": ("pairs",), "train_s": ("train",), "eval_s": ("evaluate",)}
 
@@ -21,6 +21,12 @@ def _manifests(run: str, nodes: Sequence[Node | None]) -> dict[str, store.Manife
 def _meta(ms: dict, n: Node | None, key: str) -> Any:
     m = ms.get(n.key) if n is not None else None
     return m.meta.get(key) if m is not None else None
+
+
+def _total(ms: dict, nodes: Sequence[Node], key: str) -> int | None:
+    """The sum of ``key`` over the nodes' manifests (None until all are done)."""
+    found = [ms[n.key] for n in nodes]
+    return sum(int(m.meta.get(key, 0)) for m in found) if found and all(found) else None
 
 
 def _wall(ms: dict, nodes: Sequence[Node]) -> float | None:
@@ -63,6 +69,8 @@ def model_row(run: str, ev: Node, nodes: Sequence[Node]) -> dict[str, Any]:
         by = {n.stage: n for n in it}
         row.update(outcome_pairs=_meta(ms, by.get("pairs"), "outcome"), step_pairs=_meta(ms, by.get("pairs"), "step"))
         row.update(train_loss=_meta(ms, by.get("train"), "final_loss"), agent_step_reward_mean=_meta(ms, by.get("agent-rewards"), "mean"))
+        mc = [n for n in it if n.stage == "agent-mc"]  # rollouts run, and those skipped as unable to change a pair
+        row.update(agent_mc_rollouts=_total(ms, mc, "rollouts"), agent_mc_skipped=_total(ms, mc, "skipped_rollouts"))
         row.update({col: _wall(ms, [n for n in it if n.stage in stages]) for col, stages in TIMES.items()})
     return row
 
