@@ -40,3 +40,14 @@ def test_unpairable_branches_run_no_rollouts_and_pairs_are_unchanged(tmp_path):
     # and the pairs are the same rows either way
     pairs = lambda run: sorted(store.read_rows(store.join(run, "iter-01/pairs"), "pairs"), key=lambda r: r["pair_id"])  # noqa: E731
     assert pairs(skip) == pairs(full) and len(pairs(skip)) > 0
+
+
+def test_without_step_pairs_no_mc_runs_at_all(tmp_path):
+    """ETO (outcome pairs only) uses no step reward: neither expert nor agent MC runs."""
+    pytest.importorskip("minigrid")
+    _, eto = _run(tmp_path, "eto", "pairs.step_pairs=false")
+    for key in ("scorer/expert_mc/shard-000", "iter-01/agent_mc/shard-000"):
+        m = store.read_manifest(store.join(eto, key))
+        assert m.rows == 0 and m.meta["rollouts"] == 0 and m.meta["skipped_targets"] > 0, (key, m.meta)
+    pairs = store.read_rows(store.join(eto, "iter-01/pairs"), "pairs")
+    assert pairs and {p["kind"] for p in pairs} == {"outcome"}
