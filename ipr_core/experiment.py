@@ -181,7 +181,7 @@ def _task_rewards(run: str, tag: str) -> dict[str, float] | None:
     return {r["task_id"]: float(r["outcome_reward"]) for r in store.read_rows(uri, "eval")}
 
 
-def _cost(run: str, nodes) -> dict[str, Any]:
+def run_cost(run: str, nodes) -> dict[str, Any]:
     """What a run's stages cost (shared upstream included: the variant's cost alone),
     and what this run itself computed (not copied from another variant)."""
     ms = [store.read_manifest(store.join(run, n.key)) for n in nodes]
@@ -204,7 +204,7 @@ def run_results(r: ExpRun) -> dict[str, Any]:
     top, on, note = best(rows)
     return {
         "variant": r.variant, "seed": r.seed, "run": r.uri, "rows": rows, "best": top["model"] if top else None, "chosen_on": on, "note": note,
-        "tasks": {row["model"]: _task_rewards(r.uri, row["model"]) for row in rows}, "cost": _cost(r.uri, nodes),
+        "tasks": {row["model"]: _task_rewards(r.uri, row["model"]) for row in rows}, "cost": run_cost(r.uri, nodes),
     }  # fmt: skip
 
 

@@ -46,8 +46,10 @@ def test_without_step_pairs_no_mc_runs_at_all(tmp_path):
     """ETO (outcome pairs only) uses no step reward: neither expert nor agent MC runs."""
     pytest.importorskip("minigrid")
     _, eto = _run(tmp_path, "eto", "pairs.step_pairs=false")
-    for key in ("scorer/expert_mc/shard-000", "iter-01/agent_mc/shard-000"):
-        m = store.read_manifest(store.join(eto, key))
-        assert m.rows == 0 and m.meta["rollouts"] == 0 and m.meta["skipped_targets"] > 0, (key, m.meta)
+    assert not store.exists(store.join(eto, "scorer/expert_mc/shard-000"))  # not in the DAG
+    m = store.read_manifest(store.join(eto, "iter-01/agent_mc/shard-000"))
+    assert m.rows == 0 and m.meta["rollouts"] == 0 and m.meta["skipped_targets"] > 0, m.meta
+    last_only = store.read_rows(store.join(eto, "scorer/expert_rewards"), "step_rewards")
+    assert last_only and all(r["is_last"] for r in last_only)  # the expert's last steps: their outcome, no rollouts
     pairs = store.read_rows(store.join(eto, "iter-01/pairs"), "pairs")
     assert pairs and {p["kind"] for p in pairs} == {"outcome"}

@@ -79,7 +79,9 @@ def prologue(cfg: IPRConfig, shards: int) -> list[Node]:
     sft = node("sft", base_uri=base, experts_uri=experts)
     evals = evaluations(base, tasks, "base", -1) if cfg.pipeline.eval_base else []
     evals += evaluations(sft, tasks, "sft", 0)
-    mc = [node("expert-mc", scorer_uri=sft, experts_uri=experts, shard=s) for s in range(shards)]
+    # Without step pairs (ETO) no step reward is used: no expert MC, unless every branch is scored.
+    mc_shards = shards if cfg.pairs.step_pairs or cfg.mc.score_all_branches else 0
+    mc = [node("expert-mc", scorer_uri=sft, experts_uri=experts, shard=s) for s in range(mc_shards)]
     return [experts, *tasks, base, sft, *evals, *mc, node("expert-rewards", experts_uri=experts, mc_uris=mc)]
 
 

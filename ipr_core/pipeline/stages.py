@@ -189,16 +189,10 @@ def _mc(ctx: Context, scorer_uri: str, targets) -> Rows:
 MC = ("seed", *EPISODES, "mc.n_rollouts", "mc.temperature")
 
 
-@stage("expert-mc", path="scorer/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *TRAIN_SET, "mc.shard_size", "pairs.step_pairs", "mc.score_all_branches"), cost=EPISODE_COST)
+@stage("expert-mc", path="scorer/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *TRAIN_SET, "mc.shard_size"), cost=EPISODE_COST)
 def expert_mc(ctx: Context, scorer_uri: str, experts_uri: str, shard: int) -> Rows:
-    """Stage 1 for the expert: N scorer rollouts after every expert step (one shard).
-    Without step pairs (ETO) no step reward is used: no rollouts, unless
-    ``mc.score_all_branches``."""
-    targets = ipr.expert_targets(_shard(ctx.cfg, experts_uri, shard))
-    if ctx.cfg.pairs.step_pairs or ctx.cfg.mc.score_all_branches:
-        return _mc(ctx, scorer_uri, targets)
-    out = _mc(ctx, scorer_uri, [])
-    return Rows(out.rows, {**out.meta, "skipped_targets": len(targets)})
+    """Stage 1 for the expert: N scorer rollouts after every expert step (one shard)."""
+    return _mc(ctx, scorer_uri, ipr.expert_targets(_shard(ctx.cfg, experts_uri, shard)))
 
 
 # What decides which branches agent MC scores (ipr.pairable_targets).
