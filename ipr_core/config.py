@@ -157,6 +157,12 @@ class TrainingConfig(_Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 0 supervised fine-tuning.")
     ipr: IPRTrainConfig = Field(default_factory=IPRTrainConfig, description="Stage 4 mixed-loss training.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Training precision; auto = bf16 on supporting GPUs, fp32 on CPU.")
+    max_forward_tokens: int = Field(
+        16384,
+        ge=0,
+        description="Padded tokens one training forward pass holds activations for: a micro-batch above it runs in length-sorted chunks under activation "
+        "checkpointing (same gradients up to float rounding, one extra forward per chunk); 0 = one pass per micro-batch. Memory only: changing it reuses finished models.",
+    )  # fmt: skip
 
 
 class PipelineConfig(_Section):

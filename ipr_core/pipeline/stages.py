@@ -34,6 +34,7 @@ EPISODE_COST = (
     "model.openai.timeout_s", "model.openai.max_concurrency", "model.openai.max_retries", "model.openai.backoff_s",
 )  # fmt: skip
 TRAIN_SET = ("seed", "env.train_tasks")  # which expert trajectories IPR explores along
+TRAIN_COST = ("training.max_forward_tokens",)  # memory only
 
 
 # --- helpers over the config view ------------------------------------------------------
@@ -158,7 +159,7 @@ def base_model(ctx: Context, experts_uri: str) -> Folder:
     return Folder(build_tiny_model(cfg.model.tiny, corpus, ctx.workdir / "model", seed=cfg.seed))
 
 
-@stage("sft", path="sft/model", kind="checkpoint", reads=("seed", "training.sft", "training.precision", "sampling.history_turns"))
+@stage("sft", path="sft/model", kind="checkpoint", reads=("seed", "training.sft", "training.precision", "sampling.history_turns"), cost=TRAIN_COST)
 def sft(ctx: Context, base_uri: str, experts_uri: str) -> Folder:
     """Stage 0 (Eq. 1-2): NLL on the successful expert trajectories' assistant turns."""
     from ipr_core.training.sft import train_sft
@@ -166,7 +167,10 @@ def sft(ctx: Context, base_uri: str, experts_uri: str) -> Folder:
     cfg = ctx.cfg
     experts = successful(read_trajectories(experts_uri))
     base = str(store.read_checkpoint(base_uri))
-    result = train_sft(base, experts, cfg.training.sft, cfg.sampling.history_turns, ctx.workdir, seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label)
+    result = train_sft(
+        base, experts, cfg.training.sft, cfg.sampling.history_turns, ctx.workdir,
+        seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label, max_forward_tokens=cfg.training.max_forward_tokens,
+    )  # fmt: skip
     return Folder(ctx.workdir, result.summary())
 
 
@@ -261,7 +265,7 @@ def pairs(ctx: Context, experts_uri: str, branches_uris: list[str], expert_rewar
     return Rows(rows, counts)
 
 
-@stage("train", path="iter-{iteration:02d}/model", kind="checkpoint", reads=("seed", "training.ipr", "training.precision", "sampling.history_turns"))
+@stage("train", path="iter-{iteration:02d}/model", kind="checkpoint", reads=("seed", "training.ipr", "training.precision", "sampling.history_turns"), cost=TRAIN_COST)
 def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, experts_uri: str, iteration: int) -> Folder:
     """Stage 4 (Eq. 10): outcome-DPO + step-DPO + SFT, starting from the previous policy."""
     from ipr_core.training.ipr_trainer import train_ipr
@@ -271,7 +275,7 @@ def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, exp
     experts = successful(read_trajectories(experts_uri))
     result = train_ipr(
         policy, reference, store.read_rows(pairs_uri, "pairs"), experts, cfg.training.ipr, cfg.sampling.history_turns, ctx.workdir,
-        seed=cfg.seed + iteration, precision=cfg.training.precision, progress=ctx.label,
+        seed=cfg.seed + iteration, precision=cfg.training.precision, progress=ctx.label, max_forward_tokens=cfg.training.max_forward_tokens,
     )  # fmt: skip
     return Folder(ctx.workdir, result.summary())
 

@@ -108,9 +108,11 @@ class Runtime:
 
     accelerator: Any
     dtype: torch.dtype | None  # autocast dtype; None = fp32
+    # Padded tokens one forward pass may hold activations for (training.max_forward_tokens); 0 = no limit.
+    max_forward_tokens: int = 0
 
     @classmethod
-    def create(cls, precision: str) -> "Runtime":
+    def create(cls, precision: str, max_forward_tokens: int = 0) -> "Runtime":
         from accelerate import Accelerator
 
         if precision not in PRECISIONS:
@@ -123,7 +125,7 @@ class Runtime:
         if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             raise ValueError("precision='bf16' but this GPU does not support bfloat16; use 'fp32'")
         bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
-        return cls(acc, torch.bfloat16 if bf16 else None)
+        return cls(acc, torch.bfloat16 if bf16 else None, max_forward_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -253,11 +255,45 @@ class TargetScorer(nn.Module):
         return per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
 
 
-def forward_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: Runtime) -> torch.Tensor:
-    """[len(segs)] summed target log-probs, one forward pass (gradients flow)."""
+def _length_chunks(segs: Sequence[Encoded], max_tokens: int) -> list[list[int]]:
+    """Indices of ``segs`` sorted by length, cut into chunks of at most ``max_tokens``
+    padded tokens (a segment longer than that is a chunk of its own)."""
+    order = sorted(range(len(segs)), key=lambda i: len(segs[i]))
+    chunks, i = [], 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (j - i + 1) * len(segs[order[j]]) <= max_tokens:
+            j += 1
+        chunks.append(order[i:j])
+        i = j
+    return chunks
+
+
+def _forward(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: Runtime) -> torch.Tensor:
     ids, mask, labels = (x.to(rt.device) for x in collate(segs, pad_id))
     with rt.autocast():
         return scorer(ids, mask, labels).float()
+
+
+def forward_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: Runtime) -> torch.Tensor:
+    """[len(segs)] summed target log-probs; gradients flow.
+
+    One forward pass when the padded batch fits ``rt.max_forward_tokens`` (or it
+    is 0). Otherwise length-sorted chunks of at most that many padded tokens,
+    each under activation checkpointing: a chunk's activations are recomputed in
+    the backward pass instead of kept, so a step holds one chunk's activations,
+    not those of every segment of its pairs and expert trajectories (an IPR step
+    of 8 pairs with full-remainder sides is hundreds of segments). Same
+    gradients, one extra forward per chunk."""
+    budget = rt.max_forward_tokens
+    if not budget or len(segs) * max(len(s) for s in segs) <= budget:
+        return _forward(scorer, segs, pad_id, rt)
+    from torch.utils.checkpoint import checkpoint
+
+    chunks = _length_chunks(segs, budget)
+    vals = [checkpoint(_forward, scorer, [segs[k] for k in c], pad_id, rt, use_reentrant=False) for c in chunks]
+    order = torch.tensor([k for c in chunks for k in c])
+    return torch.cat(vals)[torch.argsort(order).to(vals[0].device)]
 
 
 @torch.no_grad()
@@ -265,13 +301,6 @@ def score_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: 
     """forward_segments without gradients over many segments: sorted by length
     and batched by padded size, so padding costs almost nothing. CPU float32."""
     out = torch.zeros(len(segs))
-    order = sorted(range(len(segs)), key=lambda i: len(segs[i]))
-    i = 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and (j - i + 1) * len(segs[order[j]]) <= max_tokens:
-            j += 1
-        idx = order[i:j]
-        out[idx] = forward_segments(scorer, [segs[k] for k in idx], pad_id, rt).cpu()
-        i = j
+    for idx in _length_chunks(segs, max_tokens):
+        out[idx] = _forward(scorer, [segs[k] for k in idx], pad_id, rt).cpu()
     return out

@@ -138,6 +138,7 @@ def train_ipr(
     seed: int = 0,
     precision: str = "auto",
     progress: str | None = None,
+    max_forward_tokens: int = 0,
 ) -> TrainResult:
     """Train iteration k's policy from iteration k-1's (``policy_path``) on
     ``pairs`` ("pairs" rows) and, with sft_target="expert", the ``experts``;
@@ -149,7 +150,7 @@ def train_ipr(
     (steps = planned_steps = 0)."""
     t_call = time.perf_counter()
     name = stage_name("IPR", progress)
-    rt = Runtime.create(precision)
+    rt = Runtime.create(precision, max_forward_tokens)
     rng = seed_everything(seed)
     tok = load_tokenizer(policy_path)
     enc, expert_groups = _encode_data(tok, pairs, experts, cfg, history)

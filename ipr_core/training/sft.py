@@ -72,6 +72,7 @@ def train_sft(
     seed: int = 0,
     precision: str = "auto",
     progress: str | None = None,
+    max_forward_tokens: int = 0,
 ) -> TrainResult:
     """Fine-tune ``model_path`` on the expert ``trajectories``; save model and
     tokenizer (safetensors) to ``out_dir``. Sized by ``cfg.epochs`` /
@@ -80,7 +81,7 @@ def train_sft(
     t_call = time.perf_counter()
     if not trajectories:
         raise ValueError("SFT needs at least one expert trajectory")
-    rt = Runtime.create(precision)
+    rt = Runtime.create(precision, max_forward_tokens)
     rng = seed_everything(seed)
     tok = load_tokenizer(model_path)
     segs = [s for g in demonstration_segments(tok, trajectories, history, cfg.max_length) for s in g]
