@@ -70,7 +70,7 @@ def test_bad_experiment_fails_before_any_work(tmp_path, data, named):
 def _manifests(folder: str) -> dict[str, store.Manifest]:
     """artifact path (relative to the experiment folder) -> manifest, for every run."""
     out = {}
-    for run in ("ipr-s0", "ipr-no-step-s0"):
+    for run in ("ipr-s0", "ipr-single-action-s0"):
         for info in store.ls(store.join(folder, run)) if Path(folder, run).is_dir() else []:
             if info.complete:
                 out[info.uri[len(folder) :].strip("/")] = store.read_manifest(info.uri)
@@ -83,36 +83,40 @@ def test_variants_share_upstream_and_a_killed_experiment_resumes(prefect_server,
     _, env = prefect_server
     root = tmp_path / "artifacts"
     ov = [o for o in TINY_RUN if not o.startswith("seed=")] + ["env.val_tasks=2", f"storage.root={root}"]
-    path = _write(tmp_path, overrides=ov, seeds=[0], baseline="ipr", variants={"ipr": None, "ipr-no-step": None}, audit_rollouts=4, audit_sample=4)
+    path = _write(tmp_path, overrides=ov, seeds=[0], baseline="ipr", variants={"ipr": None, "ipr-single-action": None}, audit_rollouts=4, audit_sample=4)
     folder = str(root / "tiny")
 
     # 1. SIGKILL once the second variant has begun its own work (its pairs)
     proc = subprocess.Popen(IPR + ["experiment", "-c", str(path)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    kill_when(proc, lambda: store.exists(store.join(folder, "ipr-no-step-s0", "iter-01", "pairs")), "the second variant's pairs")
+    kill_when(proc, lambda: store.exists(store.join(folder, "ipr-single-action-s0", "iter-01", "pairs")), "the second variant's pairs")
     before = _manifests(folder)
-    assert "ipr-s0/iter-01/model" in before and "ipr-no-step-s0/eval/test/iter-01" not in before
+    assert "ipr-s0/iter-01/model" in before and "ipr-single-action-s0/eval/test/iter-01" not in before
 
     # 2. rerun: nothing finished is recomputed, the rest completes
     again = subprocess.run(IPR + ["experiment", "-c", str(path), "--take-over"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # the killed experiment left its leases
     assert again.returncode == 0, again.stderr[-4000:]
     after = _manifests(folder)
     assert {k for k in before if after[k].created_at != before[k].created_at} == set()
-    assert "ipr-no-step-s0/eval/test/iter-01" in after
+    assert "ipr-single-action-s0/eval/test/iter-01" in after
 
     # 3. upstream computed once, copied by the other variant; iterations each their own
     for key in ("experts/train", "sft/model", "scorer/expert_mc/shard-000", "scorer/expert_rewards", "eval/test/sft", "eval/val/sft"):
-        origins = sorted(after[f"{v}/{key}"].origin for v in ("ipr-s0", "ipr-no-step-s0"))
+        origins = sorted(after[f"{v}/{key}"].origin for v in ("ipr-s0", "ipr-single-action-s0"))
         assert origins[0] == "computed" and origins[1].startswith("copied from "), (key, origins)
-        assert after[f"ipr-s0/{key}"].digest == after[f"ipr-no-step-s0/{key}"].digest
+        assert after[f"ipr-s0/{key}"].digest == after[f"ipr-single-action-s0/{key}"].digest
     for key in ("iter-01/pairs", "iter-01/model"):
-        assert after[f"ipr-s0/{key}"].origin == after[f"ipr-no-step-s0/{key}"].origin == "computed", key
-    assert after["ipr-no-step-s0/iter-01/pairs"].meta["step"] == 0 < after["ipr-s0/iter-01/pairs"].meta["step"] + after["ipr-s0/iter-01/pairs"].meta["outcome"]
+        assert after[f"ipr-s0/{key}"].origin == after[f"ipr-single-action-s0/{key}"].origin == "computed", key
+    # same exploration and agent MC (shared), pairs of another shape: the same pairs counted
+    for key in ("iter-01/explore/shard-000", "iter-01/agent_mc/shard-000"):
+        assert after[f"ipr-s0/{key}"].digest == after[f"ipr-single-action-s0/{key}"].digest, key
+    counts = [{k: after[f"{v}/iter-01/pairs"].meta[k] for k in ("outcome", "step")} for v in ("ipr-s0", "ipr-single-action-s0")]
+    assert counts[0] == counts[1] and counts[0]["outcome"] + counts[0]["step"] > 0, counts
 
     # 4. the report: every variant, a best row chosen on validation, intervals where computable
     res = json.loads(store.read_bytes(store.join(folder, "report", "results.json")))
     assert res["chosen_on"] == ["val"] and res["baseline"] == "ipr"
     rows = {(r["variant"], r["model"]): r for r in res["table"]}
-    assert {("ipr", "sft"), ("ipr", "iter-01"), ("ipr", "best"), ("ipr-no-step", "iter-01"), ("ipr-no-step", "best")} <= set(rows)
+    assert {("ipr", "sft"), ("ipr", "iter-01"), ("ipr", "best"), ("ipr-single-action", "iter-01"), ("ipr-single-action", "best")} <= set(rows)
     assert rows[("ipr", "best")]["delta"] == 0.0  # the baseline against itself
     assert "![reward per iteration](data:image/png;base64," in store.read_bytes(store.join(folder, "report", "report.md")).decode()
     # the step-reward audit ran once per seed, on the first variant with an iteration
@@ -120,4 +124,4 @@ def test_variants_share_upstream_and_a_killed_experiment_resumes(prefect_server,
     assert list(res["audit"]) == ["ipr-s0"] and audit["n_reference"] == 4 and 0 < audit["candidates"] <= 4
     assert audit["rollouts"] > 0 and (audit["mae"] is None or 0.0 <= audit["mae"] <= 1.0)
     report = subprocess.run(IPR + ["report", folder], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0 and "ipr-no-step" in report.stdout and "best" in report.stdout, report.stdout + report.stderr
+    assert report.returncode == 0 and "ipr-single-action" in report.stdout and "best" in report.stdout, report.stdout + report.stderr
