@@ -3,8 +3,11 @@
 The lease is ``{folder}/_LEASE.json``: who holds it (a random holder id, host,
 PID), since when, and a heartbeat refreshed while the holder works. Taking it
 is atomic where the store allows: an exclusive create on local disk; on an
-object store, a write followed by a read-back that must return our holder id
-(the last writer wins, and the loser sees it and backs off). A second run on
+object store, a conditional create (S3: If-None-Match) followed, after a
+short settle, by a read-back that must return our holder id. The read-back
+covers stores whose exclusive create is not atomic under concurrent requests
+(moto's threaded server is one): the last writer wins, and the loser sees it
+and backs off. A second run on
 the same folder is refused with the holder named. A lease whose holder is
 gone (its PID is dead on this host, or its heartbeat is older than
 ``STALE_S`` elsewhere) is stale: it is taken over only when asked
@@ -27,6 +30,7 @@ from ipr_core import store
 LEASE = "_LEASE.json"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # a heartbeat older than this (other hosts) marks the holder gone
+SETTLE_S = 0.5  # object stores: wait this long after a write before reading back who won
 
 
 class LeaseHeld(store.StoreError):
@@ -100,7 +104,7 @@ class Lease:
             self._create()
         else:  # a dead holder's lease, taken over (check_free allowed it): overwrite, then see who won
             self._write(self.me.heartbeat)
-            time.sleep(0.2)
+            time.sleep(SETTLE_S)
         h = current(self.folder)
         if h is None or h.holder != self.me.holder:
             raise LeaseHeld(f"{self.folder} was taken by another run at the same moment ({h.describe() if h else 'unknown'})")
@@ -123,6 +127,7 @@ class Lease:
                     f.write(data)
             else:
                 fs.pipe_file(path, data, mode="create")
+                time.sleep(SETTLE_S)  # let a racing writer's create land before acquire() reads back
         except FileExistsError:
             for _ in range(10):  # the winner's file may be mid-write for a moment
                 check_free(self.folder, False)  # raises, naming the winner

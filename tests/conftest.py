@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# ipr_core's log lines in tests that call it outside a flow run: Prefect's API
+# handler would warn for each that it has no flow run to send them to.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 SHARED_DATA = Path(os.environ.get("IPR_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
