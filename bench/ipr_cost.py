@@ -1,20 +1,23 @@
 """What IPR costs over ETO, from the same SFT model, in one run.
 
-Three runs of one config share their upstream stages (experts, SFT, base/SFT
-evaluations) by stage identity, and differ in what they compute per iteration:
+Four runs of one config, in two storage roots:
 
-- eto: outcome pairs only (no expert or agent MC: ETO uses no step reward);
-- ipr-naive: IPR with every exploration branch scored by agent MC
-  (``mc.score_all_branches=true``: what IPR cost before branches that cannot
-  make a pair were skipped);
-- ipr: IPR as configured (branches that cannot make a pair get no rollouts).
+- root A: ``eto`` (outcome pairs only: no expert or agent MC, ETO uses no step
+  reward) and ``ipr`` (IPR as configured: unpairable branches skipped, the
+  step-reward memo on);
+- root B: ``ipr-skip`` (skipping, no memo) and ``ipr-naive`` (every branch
+  scored, no memo: IPR's cost before either saving).
 
-The pairs of ipr and ipr-naive are the same (the skip is exact), so from
-iteration 2 on their exploration is the same artifact and only agent MC
-differs. Each run's cost counts every stage it needs as if it ran alone
-(copied stages carry their original wall time): stage wall time, generated
-tokens and MC rollouts; per iteration, the share of ipr-naive's agent MC
-rollouts that ipr ran. Prints a table and the ratios IPR/ETO; no Prefect.
+Runs of one root share their upstream stages (experts, SFT, evaluations) by
+stage identity; the memo is shared by a root's runs too, so the memo-less runs
+live in a root of their own (training is deterministic: both roots' SFT models
+are the same checkpoint, which the bench checks). The estimates, and so the
+pairs, of all three IPR runs are the same (the skip and the memo are exact).
+Each run's cost counts every stage it needs as if it ran alone (copied stages
+carry their original wall time): stage wall time, generated tokens and MC
+rollouts; per iteration, the share of ipr-naive's agent MC rollouts that the
+others ran, and how often the agent's scored step equalled the expert's.
+Prints a table and the ratios to ETO; no Prefect.
 
 Measured results: docs/performance.md.
 
@@ -38,26 +41,36 @@ from ipr_core.config import load_config  # noqa: E402
 from ipr_core.experiment import PAPER_VARIANTS, run_cost  # noqa: E402
 from ipr_core.pipeline import run_local, run_plan, run_uri  # noqa: E402
 
-VARIANTS = {"eto": PAPER_VARIANTS["eto"], "ipr-naive": ["mc.score_all_branches=true"], "ipr": []}
+# name -> (overrides, root)
+VARIANTS = {
+    "eto": (PAPER_VARIANTS["eto"], "a"),
+    "ipr": ([], "a"),
+    "ipr-skip": (["mc.memo=false"], "b"),
+    "ipr-naive": (["mc.memo=false", "mc.score_all_branches=true"], "b"),
+}
+PER_ITERATION = ("rollouts", "rollouts_reused", "estimates", "same_step_as_expert", "same_action_as_expert")
 
 
-def _agent_mc(run: str, nodes, k: int) -> int:
+def _agent_mc(run: str, nodes, k: int) -> dict[str, int]:
     ms = [store.read_manifest(store.join(run, n.key)) for n in nodes if n.stage == "agent-mc" and n.iteration == k]
-    return sum(int(m.meta.get("rollouts", 0)) for m in ms if m is not None)
+    return {key: sum(int(m.meta.get(key, 0)) for m in ms if m is not None) for key in PER_ITERATION}
 
 
 def measure(config: str, overrides: list[str], root: str) -> dict:
     out = {}
-    for name, extra in VARIANTS.items():
-        cfg = load_config(config, [*overrides, *extra, f"storage.root={root}", f"run_name={name}"])
+    for name, (extra, sub) in VARIANTS.items():
+        cfg = load_config(config, [*overrides, *extra, f"storage.root={store.join(root, sub)}", f"run_name={name}"])
         t0 = time.perf_counter()
         run_local(cfg)
         run = run_uri(cfg)
         nodes = run_plan(cfg, run)
         cost = run_cost(run, nodes)
         per_iter = [_agent_mc(run, nodes, k) for k in range(1, cfg.pipeline.iterations + 1)]
-        out[name] = {**cost, "agent_mc_per_iteration": per_iter, "process_s": round(time.perf_counter() - t0, 1)}
+        sft = store.digest(store.join(run, "sft/model"))
+        out[name] = {**cost, "agent_mc": per_iter, "sft_digest": sft, "process_s": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {json.dumps(out[name])}", flush=True)
+    if len({r["sft_digest"] for r in out.values()}) != 1:
+        print("warning: the runs' SFT models differ (training is not deterministic here): the comparison is not from the same SFT model", flush=True)
     return out
 
 
@@ -69,11 +82,22 @@ def report(res: dict) -> str:
     eto = res["eto"]
     lines = ["| run | stage wall time (s) | generated tokens | MC rollouts | agent MC rollouts per iteration | wall / ETO | tokens / ETO |", "|---|---|---|---|---|---|---|"]
     for name, c in res.items():
-        lines.append(f"| {name} | {c['wall_s']:.0f} | {c['generated_tokens'] or 0:,} | {c['mc_rollouts']:,} | {', '.join(map(str, c['agent_mc_per_iteration']))} | {_ratio(c['wall_s'], eto['wall_s'])} | {_ratio(c['generated_tokens'], eto['generated_tokens'])} |")
-    naive, ipr = res["ipr-naive"]["agent_mc_per_iteration"], res["ipr"]["agent_mc_per_iteration"]
-    share = ", ".join(f"iteration {k}: {b / a:.0%}" if a else f"iteration {k}: -" for k, (a, b) in enumerate(zip(naive, ipr), 1))
-    lines.append(f"\nShare of the naive agent MC rollouts that ipr ran: {share}; all MC: {res['ipr']['mc_rollouts'] / max(res['ipr-naive']['mc_rollouts'], 1):.0%}.")
+        per_iter = ", ".join(str(a["rollouts"]) for a in c["agent_mc"])
+        lines.append(f"| {name} | {c['wall_s']:.0f} | {c['generated_tokens'] or 0:,} | {c['mc_rollouts']:,} | {per_iter} | {_ratio(c['wall_s'], eto['wall_s'])} | {_ratio(c['generated_tokens'], eto['generated_tokens'])} |")
+    naive = res["ipr-naive"]
+    for name in ("ipr-skip", "ipr"):
+        share = ", ".join(f"iteration {k}: {_share(b['rollouts'], a['rollouts'])}" for k, (a, b) in enumerate(zip(naive["agent_mc"], res[name]["agent_mc"]), 1))
+        lines.append(f"\nShare of the naive agent MC rollouts that {name} ran: {share}; all MC: {_share(res[name]['mc_rollouts'], naive['mc_rollouts'])}.")
+    same = ", ".join(
+        f"iteration {k}: {_share(a['same_step_as_expert'], a['estimates'])} exactly, {_share(a['same_action_as_expert'], a['estimates'])} by action"
+        for k, a in enumerate(naive["agent_mc"], 1)
+    )  # fmt: skip
+    lines.append(f"Scored agent steps equal to the expert's step at the same prefix (ipr-naive): {same}.")
     return "\n".join(lines)
+
+
+def _share(a: int, b: int) -> str:
+    return f"{a / b:.0%}" if b else "-"
 
 
 def main() -> None:

@@ -103,6 +103,18 @@ class MCConfig(_Section):
         "(its outcome within pairs.tau_outcome of the expert's, or pairs.step_pairs off) gets no rollouts; exact for the pairs. "
         "On: every branch is scored (step-reward audits, training a reward model).",
     )  # fmt: skip
+    memo: bool = Field(
+        True,
+        description="Reuse step-reward estimates the scorer already made (the step-reward memo under the storage root's _memo/): an agent step "
+        "equal to the expert's, a step an earlier iteration took, identical branches. Exact: rollout seeds derive from what decides the "
+        "estimate, so a reused entry is the estimate a fresh run would make. Off: every target is rolled out (the naive cost).",
+    )  # fmt: skip
+    memo_ignores_thoughts: bool = Field(
+        False,
+        description="Approximation, off by default: reuse an estimate made at the same state and action whatever the thought text "
+        "(the scorer is then conditioned on another thought than the one being scored).",
+    )  # fmt: skip
+    memo_flush: int = Field(32, ge=1, description="Write the memo every this many finished estimates (what a killed MC stage keeps).")
 
 
 class PairsConfig(_Section):

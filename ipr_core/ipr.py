@@ -87,25 +87,24 @@ def rollout_seed(run_seed: int, scorer: str, branch_id: str, step: int, rollout:
     return derive_seed(run_seed, "mc", scorer, branch_id, step, rollout)
 
 
-def mc_specs(targets: Sequence[MCTarget], n_rollouts: int, run_seed: int, scorer: str = "sft") -> list:
+def mc_specs(targets: Sequence[MCTarget], n_rollouts: int, run_seed: int, scorer: str = "sft", keys: Sequence[str] | None = None) -> list:
     """Scorer episodes for every non-last target: N per (branch, step), from the
-    restored prefix steps[:t] (which ends in the action being scored)."""
+    restored prefix steps[:t] (which ends in the action being scored).
+
+    Seeds: given ``keys`` (the targets' memo keys, ``ipr_core.mc_memo``), from
+    the key, so that equal keys get equal rollouts whoever proposed the step;
+    otherwise from (run seed, scorer tag, branch, step, rollout).
+    """
+    from ipr_core.mc_memo import rollout_seed as keyed_seed
     from ipr_core.rollout import EpisodeSpec
 
     specs = []
-    for tg in targets:
+    for n, tg in enumerate(targets):
         if is_last_step(tg):
             continue
         for i in range(n_rollouts):
-            specs.append(
-                EpisodeSpec(
-                    key=f"{tg.branch_id}|{tg.step}|{i}",
-                    task=tg.traj.task,
-                    prefix=tuple(tg.traj.steps[: tg.step]),
-                    seed=rollout_seed(run_seed, scorer, tg.branch_id, tg.step, i),
-                    source="scorer",
-                )
-            )
+            seed = keyed_seed(keys[n], i) if keys is not None else rollout_seed(run_seed, scorer, tg.branch_id, tg.step, i)
+            specs.append(EpisodeSpec(key=f"{tg.branch_id}|{tg.step}|{i}", task=tg.traj.task, prefix=tuple(tg.traj.steps[: tg.step]), seed=seed, source="scorer"))
     return specs
 
 
@@ -338,13 +337,16 @@ def run_specs(
     batch_size: int | None = None,
     concurrency: int | None = None,
     progress: str | None = None,
+    on_episode: Callable[[Trajectory], None] | None = None,
 ) -> list[Trajectory]:
     """Run episode specs through the lock-step runner (one place to change it)."""
     from ipr_core.rollout import run_episodes
 
     if not specs:
         return []
-    return run_episodes(make_env, policy, specs, sampling, history=history, workers=workers, batch_size=batch_size, concurrency=concurrency, progress=progress)
+    return run_episodes(
+        make_env, policy, specs, sampling, history=history, workers=workers, batch_size=batch_size, concurrency=concurrency, progress=progress, on_episode=on_episode,
+    )  # fmt: skip
 
 
 def reward_stats(rows: Sequence[Mapping]) -> dict:

@@ -298,8 +298,10 @@ class _LockStep:
         progress: str | None,
         batch_size: int | None,
         n_slots: int,
+        on_episode: Callable[[Trajectory], None] | None = None,
     ):
         self.make_env, self.sampling, self.history, self.n_slots = make_env, sampling, history, n_slots
+        self.on_episode = on_episode
         self.envs: list[Environment | None] = [None] * n_slots
         self.envs[0] = make_env()  # outside the error isolation: a broken factory fails loudly
         self.limit = max_steps or self.envs[0].max_steps
@@ -415,6 +417,8 @@ class _LockStep:
         self.active.pop(slot, None)
         if self.bar is not None:
             self.bar.update(1)
+        if self.on_episode is not None:
+            self.on_episode(self.results[ep.index])  # type: ignore[arg-type]
 
     def _fail(self, slot: int, ep: _Episode, exc: BaseException) -> None:
         _close_quietly(self.envs[slot])
@@ -463,6 +467,7 @@ def run_episodes(
     batch_size: int | None = None,
     concurrency: int | None = None,
     on_stats: Callable[[RolloutStats], None] | None = None,
+    on_episode: Callable[[Trajectory], None] | None = None,
 ) -> list[Trajectory]:
     """Run every spec to the end, many episodes per generate call.
 
@@ -470,7 +475,9 @@ def run_episodes(
     of episodes in flight (one environment instance each; default ``batch_size``,
     else 32); ``batch_size`` caps the conversations per generate call;
     ``workers`` threads step the environments; ``on_stats`` receives the
-    run's counters and timings (also logged as one summary line). With a
+    run's counters and timings (also logged as one summary line);
+    ``on_episode`` each trajectory as soon as it is final (in finishing
+    order, on the calling thread: e.g. to persist results as they come). With a
     policy of several lanes, the slots are cut into one contiguous block per
     lane (consecutive specs, such as an MC state's N rollouts, mostly land in
     one block and so on one replica, which prefills their shared prompt once)
@@ -484,7 +491,7 @@ def run_episodes(
         return []
     n_slots = max(1, min(len(specs), concurrency or batch_size or 32))
     t_start = time.perf_counter()
-    run = _LockStep(make_env, policy, specs, sampling, history=history, max_steps=max_steps, workers=workers, progress=progress, batch_size=batch_size, n_slots=n_slots)
+    run = _LockStep(make_env, policy, specs, sampling, history=history, max_steps=max_steps, workers=workers, progress=progress, batch_size=batch_size, n_slots=n_slots, on_episode=on_episode)
     try:
         run.run()
     finally:

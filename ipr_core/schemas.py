@@ -105,6 +105,23 @@ SCHEMAS: dict[str, ArtifactSchema] = {
             "Scorer rollouts from a restored prefix ending in action a_t (Eq. 3-5).",
         ),
         ArtifactSchema(
+            "mc_memo",
+            1,
+            _s(
+                ("key", pa.string(), False),  # ipr_core.mc_memo.keys(...).exact: what decides the estimate
+                ("action_key", pa.string(), False),  # the same without the rendered context (state + action)
+                ("rollout", pa.int32(), False),
+                ("seed", pa.int64(), False),
+                ("outcome_reward", pa.float64(), False),
+                ("n_steps", pa.int32(), False),
+                ("error", pa.string(), True),
+                ("task_id", pa.string(), False),
+                ("step", pa.int32(), False),
+                ("branch_id", pa.string(), False),  # the trajectory whose scoring computed it
+            ),
+            "Step-reward memo: scorer rollouts keyed by what decides their estimate (reused across branches and iterations).",
+        ),
+        ArtifactSchema(
             "step_rewards",
             1,
             _s(

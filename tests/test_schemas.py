@@ -10,6 +10,7 @@ SAMPLE_ROWS = {
     "trajectories": [traj().to_row()],
     "branches": [{**traj(source="agent").to_row(), "branch_id": "b1", "expert_traj_id": "expert-t0", "iteration": 1}],
     "mc_rollouts": [{"branch_id": "b1", "task_id": "t0", "step": 1, "rollout": 0, "seed": 5, "outcome_reward": 0.5, "n_steps": 3, "error": None}],
+    "mc_memo": [{"key": "k1", "action_key": "a1", "rollout": 0, "seed": 5, "outcome_reward": 0.5, "n_steps": 3, "error": None, "task_id": "t0", "step": 1, "branch_id": "b1"}],
     "step_rewards": [{"branch_id": "b1", "task_id": "t0", "step": 1, "reward": 0.4, "n_rollouts": 5, "is_last": False}],
     "pairs": [pair_row()],
     "sft": [{"messages": [{"role": "user", "content": "x"}], "task_id": "t0", "traj_id": "e0"}],

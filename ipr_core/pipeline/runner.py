@@ -108,7 +108,7 @@ def execute(call: Call, cfg: BaseModel, root: str) -> str:
         return out
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"ipr-{st.name}-") as tmp:
-        ctx = Context(st.view(cfg), Path(tmp), st.out_path(call.params))
+        ctx = Context(st.view(cfg), Path(tmp), st.out_path(call.params), root)
         output = st.fn(ctx, **call.inputs, **call.params)
         write_output(out, st.kind, output, inputs=flat_uris(call.inputs), stamp=store.Stamp(ident, rec), wall_s=time.time() - t0)
     store.write_bytes(index_uri(root, st, ident), json.dumps({"uri": out}).encode())

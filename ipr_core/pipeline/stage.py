@@ -35,11 +35,13 @@ from ipr_core.pipeline.view import ConfigView, value_at
 @dataclass(frozen=True)
 class Context:
     """What a stage body gets besides its inputs: the config view, a scratch
-    folder that lives until its output is written, and a progress label."""
+    folder that lives until its output is written, a progress label, and the
+    storage root (where caches shared by the root's runs live: the step-reward memo)."""
 
     cfg: Any  # ConfigView over IPRConfig
     workdir: Path
     label: str
+    root: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,11 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from ipr_core import ipr, store
+from ipr_core import ipr, mc_memo, store
 from ipr_core.envs.base import make_env
+from ipr_core.pipeline import memo
 from ipr_core.pipeline.stage import Context, Folder, Rows, Stage, stage
+from ipr_core.pipeline.view import value_at
 from ipr_core.policies.base import SamplingParams
 from ipr_core.types import Task, Trajectory
 
@@ -55,7 +57,7 @@ def _sampling(cfg, temperature: float) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
 
 
-def _episodes(ctx: Context, model_uri: str, specs, temperature: float) -> tuple[list[Trajectory], dict[str, int]]:
+def _episodes(ctx: Context, model_uri: str, specs, temperature: float, on_episode=None) -> tuple[list[Trajectory], dict[str, int]]:
     """Play ``specs`` with the model at ``model_uri`` through the lock-step runner;
     also what it cost (generated tokens, where the backend counts them) for the manifest."""
     if not specs:
@@ -66,6 +68,7 @@ def _episodes(ctx: Context, model_uri: str, specs, temperature: float) -> tuple[
         eps = ipr.run_specs(
             _env_factory(cfg), policy, specs, _sampling(cfg, temperature), history=cfg.sampling.history_turns,
             workers=cfg.env.workers, batch_size=cfg.sampling.batch_size, concurrency=cfg.env.concurrency, progress=ctx.label,
+            on_episode=on_episode,
         )  # fmt: skip
         stats = getattr(policy, "stats", None)
         return eps, ({"generated_tokens": int(stats.generated_tokens)} if stats is not None else {})
@@ -183,17 +186,67 @@ def evaluate(ctx: Context, model_uri: str, tasks_uri: str, tag: str, iteration: 
     return Rows(rows, {**ipr.summarize_eval(rows), **cost})
 
 
-def _mc(ctx: Context, scorer_uri: str, targets) -> Rows:
-    specs = ipr.mc_specs(targets, ctx.cfg.mc.n_rollouts, ctx.cfg.seed)
-    eps, cost = _episodes(ctx, scorer_uri, specs, ctx.cfg.mc.temperature)
-    rows = ipr.mc_rollout_rows(eps)
-    return Rows(rows, {"targets": len(targets), "rollouts": len(rows), **cost})
+MC = ("seed", *EPISODES, "mc.n_rollouts", "mc.temperature", "mc.memo_ignores_thoughts")
+MC_COST = (*EPISODE_COST, "mc.memo", "mc.memo_flush")
 
 
-MC = ("seed", *EPISODES, "mc.n_rollouts", "mc.temperature")
+def _scope(ctx: Context, scorer_uri: str) -> mc_memo.Scope:
+    """The memo scope: the scorer's content digest and every setting its rollouts read."""
+    return mc_memo.Scope(store.digest(scorer_uri), {p: value_at(ctx.cfg, p) for p in MC if p != "mc.memo_ignores_thoughts"})
 
 
-@stage("expert-mc", path="scorer/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *TRAIN_SET, "mc.shard_size"), cost=EPISODE_COST)
+def _memo_rows(ep: Trajectory, k: mc_memo.Keys) -> dict:
+    [row] = ipr.mc_rollout_rows([ep])
+    return {**row, "key": k.exact, "action_key": k.action}
+
+
+def _mc(ctx: Context, scorer_uri: str, targets: Sequence[ipr.MCTarget]) -> Rows:
+    """Eq. 3-5's rollouts for ``targets``, drawing on the step-reward memo: one
+    computation per distinct key (``mc.memo``), the rest reused; new estimates
+    are added to the memo while the rollouts run."""
+    cfg = ctx.cfg
+    n, use_memo, column = cfg.mc.n_rollouts, cfg.mc.memo, ("action_key" if cfg.mc.memo_ignores_thoughts else "key")
+    scope = _scope(ctx, scorer_uri)
+    scored = [t for t in targets if not ipr.is_last_step(t)]
+    keys = [mc_memo.keys(scope, t.traj, t.step, cfg.sampling.history_turns) for t in scored]
+    lookup = [k.action if column == "action_key" else k.exact for k in keys]
+    known = mc_memo.complete_entries(memo.read(ctx.root, scope), n, column) if use_memo else {}
+    todo: dict[str, int] = {}  # lookup key (or target, memo off) -> the target index that computes it
+    for i, lk in enumerate(lookup):
+        if lk not in known:
+            todo.setdefault(lk if use_memo else str(i), i)
+    run = list(todo.values())
+    by_target = {(scored[i].branch_id, scored[i].step): keys[i] for i in run}
+    writer = memo.Writer(ctx.root, scope, n, cfg.mc.memo_flush, ctx.label) if use_memo else None
+    fresh: dict[tuple[str, int], list[dict]] = {}
+
+    def finished(ep: Trajectory) -> None:
+        bid, step, _ = ipr.parse_mc_key(ep.traj_id)
+        row = _memo_rows(ep, by_target[(bid, step)])
+        fresh.setdefault((bid, step), []).append(row)
+        if writer is not None:
+            writer.add(row)
+
+    specs = ipr.mc_specs([scored[i] for i in run], n, cfg.seed, keys=[keys[i].exact for i in run])
+    try:
+        _, cost = _episodes(ctx, scorer_uri, specs, cfg.mc.temperature, on_episode=finished)
+    finally:
+        if writer is not None:
+            writer.write()  # what finished is kept, even when the stage fails
+    source = {lk: sorted(fresh[(scored[i].branch_id, scored[i].step)], key=lambda r: r["rollout"]) for lk, i in todo.items()}
+    rows = []
+    for i, t in enumerate(scored):
+        entry = known.get(lookup[i]) or source[lookup[i] if use_memo else str(i)]
+        rows += [{"branch_id": t.branch_id, "task_id": t.traj.task.task_id, "step": t.step, **{c: e[c] for c in ROLLOUT_COLS}} for e in entry]
+    reused = len(scored) - len(run)
+    meta = {"targets": len(targets), "estimates": len(scored), "rollouts": len(specs), "targets_reused": reused, "rollouts_reused": reused * n, **cost}
+    return Rows(rows, meta)
+
+
+ROLLOUT_COLS = ("rollout", "seed", "outcome_reward", "n_steps", "error")
+
+
+@stage("expert-mc", path="scorer/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *TRAIN_SET, "mc.shard_size"), cost=MC_COST)
 def expert_mc(ctx: Context, scorer_uri: str, experts_uri: str, shard: int) -> Rows:
     """Stage 1 for the expert: N scorer rollouts after every expert step (one shard)."""
     return _mc(ctx, scorer_uri, ipr.expert_targets(_shard(ctx.cfg, experts_uri, shard)))
@@ -208,25 +261,43 @@ def pair_rules(cfg) -> ipr.PairRules:
     return ipr.PairRules(p.tau_step, p.tau_outcome, p.step_variant, p.outcome_pairs, p.step_pairs)
 
 
-def _agent_targets(cfg, branches: Sequence[Trajectory], experts_uri: str) -> tuple[list, int]:
+def _agent_targets(cfg, branches: Sequence[Trajectory], experts_uri: str) -> tuple[list, list]:
     """The branches' MC targets (the agent's first own action), less those that cannot
-    make a pair unless ``mc.score_all_branches``; and how many were left out."""
+    make a pair unless ``mc.score_all_branches``; and those left out."""
     targets = ipr.branch_targets([(b.traj_id, b) for b in branches])
     if cfg.mc.score_all_branches:
-        return targets, 0
+        return targets, []
     outcomes = {e.traj_id: e.outcome_reward for e in ipr_experts(cfg, read_trajectories(experts_uri))}
     kept = ipr.pairable_targets(targets, outcomes, cfg.pairs.tau_outcome, cfg.pairs.step_pairs)
-    return kept, len(targets) - len(kept)
+    ids = {(t.branch_id, t.step) for t in kept}
+    return kept, [t for t in targets if (t.branch_id, t.step) not in ids]
 
 
-@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS), cost=EPISODE_COST)
+@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS), cost=MC_COST)
 def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
     """Stage 1 for the agent: N scorer rollouts after each branch's first own action
     (branches that cannot make a pair are skipped: ``mc.score_all_branches``)."""
-    targets, skipped = _agent_targets(ctx.cfg, read_trajectories(branches_uri, "branches"), experts_uri)
+    cfg = ctx.cfg
+    targets, skipped = _agent_targets(cfg, read_trajectories(branches_uri, "branches"), experts_uri)
     out = _mc(ctx, scorer_uri, targets)
-    n = ctx.cfg.mc.n_rollouts
-    return Rows(out.rows, {**out.meta, "skipped_targets": skipped, "skipped_rollouts": skipped * n})
+    experts = {e.traj_id: e for e in ipr_experts(cfg, read_trajectories(experts_uri))}
+    same = _same_as_expert(_scope(ctx, scorer_uri), targets, experts, cfg.sampling.history_turns)
+    skipped_rollouts = len(ipr.mc_specs(skipped, cfg.mc.n_rollouts, cfg.seed))
+    return Rows(out.rows, {**out.meta, **same, "skipped_targets": len(skipped), "skipped_rollouts": skipped_rollouts})
+
+
+def _same_as_expert(scope: mc_memo.Scope, targets: Sequence[ipr.MCTarget], experts, history: int | None) -> dict[str, int]:
+    """How many scored branch steps equal the expert's step at the same prefix:
+    thought and action alike (same memo key), and by action alone."""
+    exact = action = 0
+    for t in targets:
+        e = experts.get(t.branch_id.split("|")[1])
+        if ipr.is_last_step(t) or e is None or len(e.steps) < t.step:
+            continue
+        mine, theirs = (mc_memo.keys(scope, x, t.step, history) for x in (t.traj, e))
+        exact += mine.exact == theirs.exact
+        action += mine.action == theirs.action
+    return {"same_step_as_expert": exact, "same_action_as_expert": action}
 
 
 def _rewards(targets, mc_uris: Sequence[str]) -> Rows:

@@ -8,9 +8,10 @@ from typing import Any, Sequence
 from ipr_core import store
 from ipr_core.pipeline.dag import Node
 
-COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_mc_rollouts", "agent_mc_skipped", "agent_step_reward_mean", "explore_mc_s", "pairs_s", "train_s", "eval_s", "note")
+COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_mc_targets", "agent_mc_rollouts", "agent_mc_reused", "agent_mc_skipped", "agent_mc_tokens", "agent_step_reward_mean", "agent_mc_s", "explore_mc_s", "pairs_s", "train_s", "eval_s", "note")
+MC_COLUMNS = {"agent_mc_targets": "estimates", "agent_mc_rollouts": "rollouts", "agent_mc_reused": "rollouts_reused", "agent_mc_skipped": "skipped_rollouts", "agent_mc_tokens": "generated_tokens"}
 # Which stages' wall time each time column sums.
-TIMES = {"explore_mc_s": ("explore", "agent-mc", "agent-rewards"), "pairs_s": ("pairs",), "train_s": ("train",), "eval_s": ("evaluate",)}
+TIMES = {"agent_mc_s": ("agent-mc",), "explore_mc_s": ("explore", "agent-mc", "agent-rewards"), "pairs_s": ("pairs",), "train_s": ("train",), "eval_s": ("evaluate",)}
 
 
 def _manifests(run: str, nodes: Sequence[Node | None]) -> dict[str, store.Manifest | None]:
@@ -69,8 +70,9 @@ def model_row(run: str, ev: Node, nodes: Sequence[Node]) -> dict[str, Any]:
         by = {n.stage: n for n in it}
         row.update(outcome_pairs=_meta(ms, by.get("pairs"), "outcome"), step_pairs=_meta(ms, by.get("pairs"), "step"))
         row.update(train_loss=_meta(ms, by.get("train"), "final_loss"), agent_step_reward_mean=_meta(ms, by.get("agent-rewards"), "mean"))
-        mc = [n for n in it if n.stage == "agent-mc"]  # rollouts run, and those skipped as unable to change a pair
-        row.update(agent_mc_rollouts=_total(ms, mc, "rollouts"), agent_mc_skipped=_total(ms, mc, "skipped_rollouts"))
+        # agent MC: estimates made; rollouts run, taken from the step-reward memo, and skipped as unable to change a pair
+        mc = [n for n in it if n.stage == "agent-mc"]
+        row.update({col: _total(ms, mc, key) for col, key in MC_COLUMNS.items()})
         row.update({col: _wall(ms, [n for n in it if n.stage in stages]) for col, stages in TIMES.items()})
     return row
 
