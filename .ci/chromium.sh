@@ -9,12 +9,7 @@ if command -v chromium >/dev/null 2>&1; then
   echo "chromium: already installed ($(chromium --version 2>/dev/null))"
   exit 0
 fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "chromium: not root and no sudo: install Debian's chromium yourself" >&2; exit 1; fi
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
+. "$(dirname "$0")/apt.sh"
+apt_sudo chromium "Debian's chromium"
+apt_install chromium fonts-liberation
 echo "chromium: installed $(chromium --version 2>/dev/null)"

@@ -12,13 +12,9 @@ if have mariadbd && have mariadb-install-db; then
   exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "mariadb: not root and no sudo: install mariadb-server yourself" >&2; exit 1; fi
-fi
+. "$(dirname "$0")/apt.sh"
+apt_sudo mariadb mariadb-server
 
-export DEBIAN_FRONTEND=noninteractive
 # policy-rc.d exit 101 = "do not start services": the package's postinst
 # would otherwise start (and leave running) the system mariadb service.
 POLICY=/usr/sbin/policy-rc.d
@@ -31,6 +27,5 @@ fi
 cleanup() { if [ "$CREATED_POLICY" = 1 ]; then $SUDO rm -f "$POLICY"; fi; }
 trap cleanup EXIT
 
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends mariadb-server mariadb-client >/dev/null
+apt_install mariadb-server mariadb-client
 echo "mariadb: installed $(/usr/sbin/mariadbd --version 2>/dev/null || mariadbd --version)"

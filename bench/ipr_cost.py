@@ -5,6 +5,10 @@ Four runs of one config, in two storage roots:
 - root A: ``eto`` (outcome pairs only: no expert or agent MC, ETO uses no step
   reward) and ``ipr`` (IPR as configured: unpairable branches skipped, the
   step-reward memo on);
+- root A also: ``ipr-action-memo`` (``mc.memo_ignores_thoughts``: estimates
+  reused at the same state and action whatever the thought), run on ipr's
+  memo; what it shows is how far the approximation moves iteration 1's agent
+  step rewards and pairs from ipr's exact ones, not a cost;
 - root B: ``ipr-skip`` (skipping, no memo) and ``ipr-naive`` (every branch
   scored, no memo: IPR's cost before either saving).
 
@@ -45,6 +49,7 @@ from ipr_core.pipeline import run_local, run_plan, run_uri  # noqa: E402
 VARIANTS = {
     "eto": (PAPER_VARIANTS["eto"], "a"),
     "ipr": ([], "a"),
+    "ipr-action-memo": (["mc.memo_ignores_thoughts=true"], "a"),  # the approximation, reusing ipr's memo: its quality, not its cost
     "ipr-skip": (["mc.memo=false"], "b"),
     "ipr-naive": (["mc.memo=false", "mc.score_all_branches=true"], "b"),
 }
@@ -69,9 +74,23 @@ def measure(config: str, overrides: list[str], root: str) -> dict:
         sft = store.digest(store.join(run, "sft/model"))
         out[name] = {**cost, "agent_mc": per_iter, "sft_digest": sft, "process_s": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {json.dumps(out[name])}", flush=True)
+    out["ipr-action-memo"]["moved"] = _moved(*(run_uri(load_config(config, [*overrides, f"storage.root={store.join(root, 'a')}", f"run_name={n}"])) for n in ("ipr", "ipr-action-memo")))
     if len({r["sft_digest"] for r in out.values()}) != 1:
         print("warning: the runs' SFT models differ (training is not deterministic here): the comparison is not from the same SFT model", flush=True)
     return out
+
+
+def _moved(exact: str, approx: str) -> dict:
+    """Iteration 1 under the approximation vs exact: agent step rewards that changed, their mean
+    absolute change, and the pairs that differ (same exploration: both start from the SFT model)."""
+    rewards = [{(r["branch_id"], r["step"]): r["reward"] for r in store.read_rows(store.join(run, "iter-01/agent_rewards"), "step_rewards")} for run in (exact, approx)]
+    common = sorted(set(rewards[0]) & set(rewards[1]))
+    diffs = [abs(rewards[0][k] - rewards[1][k]) for k in common]
+    a, b = ({p["pair_id"]: (p["chosen"], p["rejected"]) for p in store.read_rows(store.join(run, "iter-01/pairs"), "pairs")} for run in (exact, approx))
+    return {
+        "estimates": len(common), "changed": sum(d > 0 for d in diffs), "mae": round(sum(diffs) / len(diffs), 4) if diffs else None,
+        "pairs_exact": len(a), "pairs_approx": len(b), "pairs_different": len(set(a) ^ set(b)) + sum(a[k] != b[k] for k in set(a) & set(b)),
+    }  # fmt: skip
 
 
 def _ratio(a, b) -> str:
@@ -93,6 +112,11 @@ def report(res: dict) -> str:
         for k, a in enumerate(naive["agent_mc"], 1)
     )  # fmt: skip
     lines.append(f"Scored agent steps equal to the expert's step at the same prefix (ipr-naive): {same}.")
+    m = res["ipr-action-memo"]["moved"]
+    lines.append(
+        f"mc.memo_ignores_thoughts (iteration 1 vs exact): {m['changed']}/{m['estimates']} agent step rewards changed (mean absolute change {m['mae']}); "
+        f"pairs {m['pairs_exact']} exact, {m['pairs_approx']} approximate, {m['pairs_different']} not in both."
+    )  # fmt: skip
     return "\n".join(lines)
 
 
