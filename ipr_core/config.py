@@ -182,6 +182,13 @@ class PipelineConfig(_Section):
     early_stop: bool = Field(False, description="Stop when held-out reward falls below the best so far.")
     task_runner: Literal["threads", "dask", "ray"] = Field("threads", description="Prefect task runner for mapped shards.")
     max_workers: int = Field(2, ge=1, description="Thread-pool / local-cluster workers.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch intra-op threads of the run's process (set at its start; every stage's manifest records what it ran with). "
+        "None: torch's default (the cores in the CPU affinity mask). On a shared host, the cores this run may use: a team wider than its share "
+        "of the cores spins against other processes' threads (bench/contention.py).",
+    )  # fmt: skip
     dask_address: str | None = Field(None, description="Existing Dask scheduler address; None starts a LocalCluster.")
     retries: int = Field(2, ge=0, description="Retries for transient errors (I/O, model server, env crash).")
     retry_delay_s: float = Field(2.0, ge=0, description="Initial retry delay, doubled per retry.")

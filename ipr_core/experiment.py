@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -251,6 +251,15 @@ def _row(variant: str, model: str, runs: Sequence[dict], base: dict[int, dict], 
     return out
 
 
+def _agent_mc(runs: Sequence[Mapping[str, Any]], iterations: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """Per iteration, agent MC's columns of the iteration table, averaged over the seeds."""
+    from ipr_core.pipeline.summary import MC_COLUMNS
+
+    cols = (*MC_COLUMNS, "agent_mc_s")
+    rows = {it: [row for r in runs for row in r["rows"] if row["model"] == it] for it in iterations}
+    return {it: {c: _mean([row.get(c) for row in mine]) for c in cols} for it, mine in rows.items()}
+
+
 def results(exp: ExperimentConfig, runs: Sequence[ExpRun]) -> dict[str, Any]:
     """The experiment's table: per variant, one row per evaluated model and a ``best`` row
     (per seed the model chosen on validation, its test numbers), and per-variant cost."""
@@ -265,6 +274,7 @@ def results(exp: ExperimentConfig, runs: Sequence[ExpRun]) -> dict[str, Any]:
             table.append(_row(variant, m, mine, base, lambda r, m=m: m, exp.bootstrap))
         table.append(_row(variant, "best", mine, base, lambda r: r["best"], exp.bootstrap))
         cost[variant] = {k: _mean([r["cost"][k] for r in mine]) for k in ("mc_rollouts", "generated_tokens", "wall_s", "computed_wall_s")}
+        cost[variant]["agent_mc"] = _agent_mc(mine, [m for m in models if m.startswith("iter-")])
     chosen_on = sorted({r["chosen_on"] for r in per})
     audits = {}
     for r in runs:

@@ -187,6 +187,11 @@ def experiment_markdown(res: Mapping, image: str, command: str | None = None) ->
     lines += ["", "Cost per run of each variant (mean over seeds; shared upstream stages counted in every variant, as if it ran alone; the last column is what the variant's runs computed themselves rather than copied):", ""]
     lines += ["| variant | MC rollouts | generated tokens | stage wall time (s) | computed, not copied (s) |", "|---|---|---|---|---|"]
     lines += [f"| {v} | {c['mc_rollouts'] or 0:.0f} | {number(c.get('generated_tokens'), 0)} | {c['wall_s'] or 0:.0f} | {c['computed_wall_s'] or 0:.0f} |" for v, c in res["cost"].items()]
+    mc = [(v, it, c) for v, cv in res["cost"].items() for it, c in cv.get("agent_mc", {}).items() if c.get("agent_mc_targets")]
+    if mc:
+        lines += ["", "Agent MC per iteration (mean over seeds): estimates needed, rollouts run, taken from the step-reward memo, skipped as unable to change a pair:", ""]
+        lines += ["| variant | iteration | estimates | rollouts run | reused | skipped | generated tokens | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {v} | {it} | {number(c['agent_mc_targets'], 0)} | {number(c['agent_mc_rollouts'], 0)} | {number(c['agent_mc_reused'], 0)} | {number(c['agent_mc_skipped'], 0)} | {number(c['agent_mc_tokens'], 0)} | {number(c['agent_mc_s'], 0)} |" for v, it, c in mc]
     if res.get("audit"):
         lines += ["", "Step-reward audit (iteration 1: the run's MC estimates against a large-N reference by the same scorer):", ""]
         lines += ["| run | step pairs | N | N reference | MAE | direction agreement | pairs over tau_s | of those, confirmed |", "|---|---|---|---|---|---|---|---|"]

@@ -65,7 +65,9 @@ class Manifest:
     config_digest: str | None = None
     code_version: str = ""
     created_at: float = 0.0
-    timings: Mapping[str, float] = field(default_factory=dict)
+    # wall_s; for stage outputs also what computing them used (ipr_core.resources):
+    # peak_rss_mb, cores, torch_threads, torch_interop_threads, omp_wait_policy
+    timings: Mapping[str, Any] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
     schema: str = ""
     format: int = MANIFEST_FORMAT

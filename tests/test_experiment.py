@@ -118,7 +118,12 @@ def test_variants_share_upstream_and_a_killed_experiment_resumes(prefect_server,
     rows = {(r["variant"], r["model"]): r for r in res["table"]}
     assert {("ipr", "sft"), ("ipr", "iter-01"), ("ipr", "best"), ("ipr-single-action", "iter-01"), ("ipr-single-action", "best")} <= set(rows)
     assert rows[("ipr", "best")]["delta"] == 0.0  # the baseline against itself
-    assert "![reward per iteration](data:image/png;base64," in store.read_bytes(store.join(folder, "report", "report.md")).decode()
+    md = store.read_bytes(store.join(folder, "report", "report.md")).decode()
+    assert "![reward per iteration](data:image/png;base64," in md
+    # agent MC's cost per iteration: estimates, and rollouts run or reused or skipped, add up
+    mc = res["cost"]["ipr"]["agent_mc"]["iter-01"]
+    assert mc["agent_mc_targets"] > 0 and mc["agent_mc_rollouts"] + mc["agent_mc_reused"] == mc["agent_mc_targets"] * 2, mc
+    assert "Agent MC per iteration" in md and "| ipr | iter-01 |" in md
     # the step-reward audit ran once per seed, on the first variant with an iteration
     audit = res["audit"]["ipr-s0"]
     assert list(res["audit"]) == ["ipr-s0"] and audit["n_reference"] == 4 and 0 < audit["candidates"] <= 4

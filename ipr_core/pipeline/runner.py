@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import BaseModel
 
 from ipr_core import store
+from ipr_core.resources import PeakRSS, set_torch_threads, thread_settings
 from ipr_core.pipeline.stage import Context, Folder, Output, Rows, Stage, identity, recipe
 from ipr_core.schemas import from_rows
 
@@ -83,9 +84,12 @@ def _indexed(root: str, st: Stage, ident: str, out: str) -> str | None:
     return src if src != out and is_fresh(src, ident) else None
 
 
-def write_output(out: str, kind: str, output: Output, *, inputs: Sequence[str] = (), stamp: store.Stamp | None = None, wall_s: float = 0.0) -> store.Manifest:
-    """Write a stage body's output at ``out`` (parts first, manifest last)."""
-    timings = {"wall_s": round(wall_s, 3)}
+def write_output(
+    out: str, kind: str, output: Output, *, inputs: Sequence[str] = (), stamp: store.Stamp | None = None, wall_s: float = 0.0, used: Mapping[str, Any] | None = None
+) -> store.Manifest:
+    """Write a stage body's output at ``out`` (parts first, manifest last);
+    ``used``: what computing it used (peak memory, threads), kept with its timings."""
+    timings = {"wall_s": round(wall_s, 3), **(used or {})}
     if isinstance(output, Folder):
         if kind != "checkpoint":
             raise TypeError(f"{out}: a model folder was returned for a {kind!r} output")
@@ -109,8 +113,11 @@ def execute(call: Call, cfg: BaseModel, root: str) -> str:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"ipr-{st.name}-") as tmp:
         ctx = Context(st.view(cfg), Path(tmp), st.out_path(call.params), root)
-        output = st.fn(ctx, **call.inputs, **call.params)
-        write_output(out, st.kind, output, inputs=flat_uris(call.inputs), stamp=store.Stamp(ident, rec), wall_s=time.time() - t0)
+        set_torch_threads(cfg.pipeline.torch_threads)  # here: in whichever process (Dask, Ray worker) the stage runs
+        with PeakRSS() as peak:
+            output = st.fn(ctx, **call.inputs, **call.params)
+        used = {"peak_rss_mb": peak.peak_mb, **thread_settings()}
+        write_output(out, st.kind, output, inputs=flat_uris(call.inputs), stamp=store.Stamp(ident, rec), wall_s=time.time() - t0, used=used)
     store.write_bytes(index_uri(root, st, ident), json.dumps({"uri": out}).encode())
     return out
 

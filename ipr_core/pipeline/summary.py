@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from ipr_core import store
 from ipr_core.pipeline.dag import Node
 
-COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_mc_targets", "agent_mc_rollouts", "agent_mc_reused", "agent_mc_skipped", "agent_mc_tokens", "agent_step_reward_mean", "agent_mc_s", "explore_mc_s", "pairs_s", "train_s", "eval_s", "note")
+COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_mc_targets", "agent_mc_rollouts", "agent_mc_reused", "agent_mc_skipped", "agent_mc_tokens", "agent_step_reward_mean", "agent_mc_s", "explore_mc_s", "pairs_s", "train_s", "eval_s", "peak_rss_mb", "note")
 MC_COLUMNS = {"agent_mc_targets": "estimates", "agent_mc_rollouts": "rollouts", "agent_mc_reused": "rollouts_reused", "agent_mc_skipped": "skipped_rollouts", "agent_mc_tokens": "generated_tokens"}
 # Which stages' wall time each time column sums.
 TIMES = {"agent_mc_s": ("agent-mc",), "explore_mc_s": ("explore", "agent-mc", "agent-rewards"), "pairs_s": ("pairs",), "train_s": ("train",), "eval_s": ("evaluate",)}
@@ -74,6 +74,8 @@ def model_row(run: str, ev: Node, nodes: Sequence[Node]) -> dict[str, Any]:
         mc = [n for n in it if n.stage == "agent-mc"]
         row.update({col: _total(ms, mc, key) for col, key in MC_COLUMNS.items()})
         row.update({col: _wall(ms, [n for n in it if n.stage in stages]) for col, stages in TIMES.items()})
+    peaks = [m.timings["peak_rss_mb"] for m in ms.values() if m is not None and "peak_rss_mb" in m.timings]
+    row["peak_rss_mb"] = max(peaks) if peaks else None  # the highest of the stages that made and scored this model
     return row
 
 

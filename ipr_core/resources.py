@@ -1,0 +1,92 @@
+"""What a stage used: the process's peak resident memory while it ran, and the
+thread settings it ran with. The runner records both in the stage's manifest
+(``timings.peak_rss_mb``, ``timings.torch_threads`` ...), the iteration table
+shows the peak.
+
+The peak is the process's, sampled while the stage runs: stages that run side
+by side in one process (thread task runner) see each other's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+from typing import Any
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int | None:
+    """The process's resident memory now (Linux /proc), or None where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakRSS:
+    """``with PeakRSS() as p: ...``; then ``p.peak_mb``: the highest resident
+    memory sampled every ``interval_s`` while the block ran (where /proc is
+    missing, the process's lifetime peak from getrusage)."""
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s, self.peak = interval_s, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        now = rss_bytes()
+        if now is not None:
+            self.peak = max(self.peak, now)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "PeakRSS":
+        self._sample()
+        if rss_bytes() is not None:
+            self._thread = threading.Thread(target=self._loop, name="ipr-peak-rss", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._sample()
+        else:  # ru_maxrss: KiB on Linux, bytes on macOS; the lifetime peak, an upper bound
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak = rss if rss > 1 << 32 else rss * 1024
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity mask, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_settings() -> dict[str, Any]:
+    """Torch's intra-op and inter-op threads, the cores allowed, and OpenMP's wait policy."""
+    out: dict[str, Any] = {"cores": cores(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+    torch = sys.modules.get("torch")  # not imported for this: a stage that never used torch has no torch threads
+    if torch is not None:
+        out.update(torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads())
+    return out
+
+
+def set_torch_threads(n: int | None) -> None:
+    """``pipeline.torch_threads``: torch's intra-op threads for this process (None: leave torch's default)."""
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)

@@ -1,0 +1,54 @@
+"""What a stage used is recorded with it: its peak resident memory and thread settings."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from helpers import TINY_RUN
+from ipr_core import store
+from ipr_core.config import load_config
+from ipr_core.pipeline import run_local, run_plan, run_uri
+from ipr_core.pipeline.summary import result_rows
+from ipr_core.resources import PeakRSS, rss_bytes, thread_settings
+
+
+def test_the_peak_sees_memory_held_only_inside_the_block():
+    if rss_bytes() is None:
+        pytest.skip("no /proc/self/statm: the peak falls back to the lifetime maximum")
+    before = rss_bytes() / 2**20
+    with PeakRSS(interval_s=0.01) as p:
+        block = bytearray(300 * 2**20)  # touched, so resident
+        block[:: 4096] = b"x" * len(block[:: 4096])
+        time.sleep(0.3)  # the sampler thread runs while the block waits (the write above holds the GIL)
+        del block
+    assert p.peak_mb >= before + 250, (before, p.peak_mb)
+    assert rss_bytes() / 2**20 < p.peak_mb - 200  # it was freed: a sample, not the lifetime maximum
+
+
+def test_stage_manifests_record_peak_memory_and_threads_and_the_table_shows_it(tmp_path):
+    pytest.importorskip("minigrid")
+    cfg = load_config(None, [*TINY_RUN, f"storage.root={tmp_path}", "run_name=r"])
+    run_local(cfg, until="eval/test/sft")
+    run = run_uri(cfg)
+    m = store.read_manifest(store.join(run, "sft/model"))
+    t = m.timings
+    assert t["peak_rss_mb"] > 50 and t["torch_threads"] == torch.get_num_threads() and t["cores"] >= 1, t
+    assert t == {**t, **{k: v for k, v in thread_settings().items()}}
+    [sft] = [r for r in result_rows(run, run_plan(cfg, run)) if r["model"] == "sft"]
+    evals = [store.read_manifest(store.join(run, f"eval/{split}/sft")) for split in ("test", "val")]
+    assert sft["peak_rss_mb"] == max(t["peak_rss_mb"], *(e.timings["peak_rss_mb"] for e in evals if e is not None))
+
+
+def test_pipeline_torch_threads_is_what_the_stages_run_with(tmp_path):
+    pytest.importorskip("minigrid")
+    before = torch.get_num_threads()
+    cfg = load_config(None, [*TINY_RUN, f"storage.root={tmp_path}", "run_name=r", "pipeline.torch_threads=1"])
+    try:
+        run_local(cfg, until="sft/model")
+    finally:
+        torch.set_num_threads(before)
+    m = store.read_manifest(store.join(run_uri(cfg), "sft/model"))
+    assert m.timings["torch_threads"] == 1, m.timings
