@@ -1,22 +1,22 @@
 """What IPR costs over ETO, from the same SFT model, in one run.
 
-Four runs of one config, in two storage roots:
+Five runs of one config, in three storage roots:
 
 - root A: ``eto`` (outcome pairs only: no expert or agent MC, ETO uses no step
   reward) and ``ipr`` (IPR as configured: unpairable branches skipped, the
   step-reward memo on);
-- root A also: ``ipr-action-memo`` (``mc.memo_ignores_thoughts``: estimates
-  reused at the same state and action whatever the thought), run on ipr's
-  memo; what it shows is how far the approximation moves iteration 1's agent
-  step rewards and pairs from ipr's exact ones, not a cost;
 - root B: ``ipr-skip`` (skipping, no memo) and ``ipr-naive`` (every branch
-  scored, no memo: IPR's cost before either saving).
+  scored, no memo: IPR's cost before either saving);
+- root C: ``ipr-action-memo`` (``mc.memo_ignores_thoughts``: an estimate
+  reused at the same state and action whatever the thought), with a memo of
+  its own: its cost, and how far the approximation moves iteration 1's step
+  rewards and pairs from ipr's exact ones.
 
 Runs of one root share their upstream stages (experts, SFT, evaluations) by
 stage identity; the memo is shared by a root's runs too, so the memo-less runs
 live in a root of their own (training is deterministic: both roots' SFT models
 are the same checkpoint, which the bench checks). The estimates, and so the
-pairs, of all three IPR runs are the same (the skip and the memo are exact).
+pairs, of ipr, ipr-skip and ipr-naive are the same (the skip and the memo are exact).
 Each run's cost counts every stage it needs as if it ran alone (copied stages
 carry their original wall time): stage wall time, generated tokens and MC
 rollouts; per iteration, the share of ipr-naive's agent MC rollouts that the
@@ -49,9 +49,9 @@ from ipr_core.pipeline import run_local, run_plan, run_uri  # noqa: E402
 VARIANTS = {
     "eto": (PAPER_VARIANTS["eto"], "a"),
     "ipr": ([], "a"),
-    "ipr-action-memo": (["mc.memo_ignores_thoughts=true"], "a"),  # the approximation, reusing ipr's memo: its quality, not its cost
     "ipr-skip": (["mc.memo=false"], "b"),
     "ipr-naive": (["mc.memo=false", "mc.score_all_branches=true"], "b"),
+    "ipr-action-memo": (["mc.memo_ignores_thoughts=true"], "c"),
 }
 PER_ITERATION = ("rollouts", "rollouts_reused", "estimates", "same_step_as_expert", "same_action_as_expert")
 
@@ -74,16 +74,19 @@ def measure(config: str, overrides: list[str], root: str) -> dict:
         sft = store.digest(store.join(run, "sft/model"))
         out[name] = {**cost, "agent_mc": per_iter, "sft_digest": sft, "process_s": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {json.dumps(out[name])}", flush=True)
-    out["ipr-action-memo"]["moved"] = _moved(*(run_uri(load_config(config, [*overrides, f"storage.root={store.join(root, 'a')}", f"run_name={n}"])) for n in ("ipr", "ipr-action-memo")))
+    out["ipr-action-memo"]["moved"] = _moved(*(run_uri(load_config(config, [*overrides, f"storage.root={store.join(root, VARIANTS[n][1])}", f"run_name={n}"])) for n in ("ipr", "ipr-action-memo")))
     if len({r["sft_digest"] for r in out.values()}) != 1:
         print("warning: the runs' SFT models differ (training is not deterministic here): the comparison is not from the same SFT model", flush=True)
     return out
 
 
 def _moved(exact: str, approx: str) -> dict:
-    """Iteration 1 under the approximation vs exact: agent step rewards that changed, their mean
-    absolute change, and the pairs that differ (same exploration: both start from the SFT model)."""
-    rewards = [{(r["branch_id"], r["step"]): r["reward"] for r in store.read_rows(store.join(run, "iter-01/agent_rewards"), "step_rewards")} for run in (exact, approx)]
+    """Iteration 1 under the approximation vs exact: step rewards (expert and agent) that changed,
+    their mean absolute change, and the pairs that differ (same exploration: both start from the SFT model)."""
+    rewards = [
+        {(r["branch_id"], r["step"]): r["reward"] for key in ("scorer/expert_rewards", "iter-01/agent_rewards") for r in store.read_rows(store.join(run, key), "step_rewards")}
+        for run in (exact, approx)
+    ]  # fmt: skip
     common = sorted(set(rewards[0]) & set(rewards[1]))
     diffs = [abs(rewards[0][k] - rewards[1][k]) for k in common]
     a, b = ({p["pair_id"]: (p["chosen"], p["rejected"]) for p in store.read_rows(store.join(run, "iter-01/pairs"), "pairs")} for run in (exact, approx))
@@ -114,7 +117,7 @@ def report(res: dict) -> str:
     lines.append(f"Scored agent steps equal to the expert's step at the same prefix (ipr-naive): {same}.")
     m = res["ipr-action-memo"]["moved"]
     lines.append(
-        f"mc.memo_ignores_thoughts (iteration 1 vs exact): {m['changed']}/{m['estimates']} agent step rewards changed (mean absolute change {m['mae']}); "
+        f"mc.memo_ignores_thoughts (iteration 1 vs exact): {m['changed']}/{m['estimates']} step rewards changed (mean absolute change {m['mae']}); "
         f"pairs {m['pairs_exact']} exact, {m['pairs_approx']} approximate, {m['pairs_different']} not in both."
     )  # fmt: skip
     return "\n".join(lines)

@@ -67,15 +67,15 @@ def rollout_seed(exact_key: str, rollout: int) -> int:
 
 def complete_entries(rows: Sequence[Mapping[str, Any]], n_rollouts: int, column: str = "key") -> dict[str, list[Mapping[str, Any]]]:
     """Memo rows grouped by ``column`` (``key`` or ``action_key``), keeping only
-    estimates with all N rollouts (one computation each: the first one listed)."""
-    by: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
+    estimates with all N rollouts. Where several computations share an action
+    key (different thoughts), the one with the smallest exact key is used:
+    the choice does not depend on the order the memo's parts are read in."""
+    by: dict[str, dict[str, dict[int, Mapping[str, Any]]]] = {}
     for r in rows:
-        by.setdefault(r[column], {}).setdefault(r["key"], []).append(r)
+        by.setdefault(r[column], {}).setdefault(r["key"], {})[int(r["rollout"])] = r
     out = {}
     for k, computations in by.items():
-        for group in computations.values():
-            rollouts = {int(r["rollout"]): r for r in group}
-            if len(rollouts) == n_rollouts:
-                out[k] = [rollouts[i] for i in range(n_rollouts)]
-                break
+        complete = sorted(exact for exact, rollouts in computations.items() if len(rollouts) == n_rollouts)
+        if complete:
+            out[k] = [computations[complete[0]][i] for i in range(n_rollouts)]
     return out

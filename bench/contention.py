@@ -1,0 +1,109 @@
+"""Pipelines that share a machine: one run alone, then three at once, in one run.
+
+Each run is its own process (``run_local``: no Prefect) with its own storage
+root, so nothing is shared but the cores. For every thread setting asked for
+(``--threads``: ``default`` = torch's own, or a number of torch threads per
+run), the bench runs the config once alone and then three copies side by side,
+and prints per run: wall time, slowdown against alone, and peak resident
+memory (``wait4``'s maxrss of that process). A fair share of the cores would
+make each of three runs at most 3x slower than alone. Same config and seed,
+so every run must also end with the same final checkpoint (digests printed).
+
+Measured results: docs/performance.md.
+
+    .venv/bin/python bench/contention.py [--config configs/demo.yaml] [--set key=value ...] [--threads default 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_CHILD = """
+import json, sys
+from ipr_core.config import load_config
+from ipr_core.pipeline import run_local
+run_local(load_config(sys.argv[1] or None, json.loads(sys.argv[2])))
+"""
+
+
+def _start(config: str, overrides: list[str], root: str, env: dict) -> subprocess.Popen:
+    args = [*overrides, f"storage.root={root}", "run_name=bench"]
+    return subprocess.Popen([sys.executable, "-c", _CHILD, config, json.dumps(args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _runs(config: str, overrides: list[str], n: int, tmp: str, tag: str) -> list[dict]:
+    """``n`` runs started together; per run its wall time, peak RSS and final digest."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    procs = {_start(config, overrides, os.path.join(tmp, f"{tag}-{i}"), env).pid: i for i in range(n)}
+    out: list[dict] = [{} for _ in range(n)]
+    while procs:
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in procs:
+            continue
+        i = procs.pop(pid)
+        out[i] = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "ok": os.waitstatus_to_exitcode(status) == 0}
+    return out
+
+
+def _digests(tmp: str, tag: str, n: int) -> list[str | None]:
+    from ipr_core import store
+
+    found = []
+    for i in range(n):
+        run = os.path.join(tmp, f"{tag}-{i}", "bench")
+        models = sorted(p for p in Path(run).glob("iter-*/model")) or [Path(run) / "sft" / "model"]
+        m = store.read_manifest(str(models[-1]))
+        found.append(m.digest if m is not None else None)
+    return found
+
+
+def measure(config: str, overrides: list[str], threads: list[str], tmp: str) -> dict:
+    res = {}
+    for setting in threads:
+        ov = overrides if setting == "default" else [*overrides, f"pipeline.torch_threads={int(setting)}"]
+        alone = _runs(config, ov, 1, tmp, f"{setting}-alone")
+        three = _runs(config, ov, 3, tmp, f"{setting}-three")
+        digests = _digests(tmp, f"{setting}-alone", 1) + _digests(tmp, f"{setting}-three", 3)
+        res[setting] = {"alone": alone[0], "three": three, "slowdown": [round(r["wall_s"] / alone[0]["wall_s"], 2) for r in three], "same_model": len(set(digests)) == 1 and None not in digests}
+        print(f"threads={setting}: {json.dumps(res[setting])}", flush=True)
+        if not all(r["ok"] for r in [*alone, *three]):
+            print(f"warning: a run with threads={setting} failed: its figures are not comparable", flush=True)
+    return res
+
+
+def report(res: dict) -> str:
+    lines = ["| torch threads per run | alone (s) | alone peak RSS (MB) | three at once (s, each) | slowdown (each) | peak RSS of each (MB) | same final model |", "|---|---|---|---|---|---|---|"]
+    for setting, r in res.items():
+        three = r["three"]
+        walls = ", ".join(f"{x['wall_s']:.0f}" for x in three)
+        slow = ", ".join(f"{x:.2f}x" for x in r["slowdown"])
+        peaks = ", ".join(f"{x['peak_rss_mb']:,}" for x in three)
+        same = "yes" if r["same_model"] else "NO"
+        lines.append(f"| {setting} | {r['alone']['wall_s']:.0f} | {r['alone']['peak_rss_mb']:,} | {walls} | {slow} | {peaks} | {same} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", nargs="+", default=["default", "1"], help="torch threads per run to compare: 'default' (torch's own) or a number")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ipr-contention-") as tmp:
+        res = measure(args.config, args.overrides, args.threads, tmp)
+    print(report(res))
+
+
+if __name__ == "__main__":
+    main()
