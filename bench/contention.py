@@ -1,17 +1,19 @@
 """Pipelines that share a machine: one run alone, then three at once, in one run.
 
 Each run is its own process (``run_local``: no Prefect) with its own storage
-root, so nothing is shared but the cores. For every thread setting asked for
-(``--threads``: ``default`` = torch's own, or a number of torch threads per
-run), the bench runs the config once alone and then three copies side by side,
-and prints per run: wall time, slowdown against alone, and peak resident
-memory (``wait4``'s maxrss of that process). A fair share of the cores would
-make each of three runs at most 3x slower than alone. Same config and seed,
-so every run must also end with the same final checkpoint (digests printed).
+root, so nothing is shared but the cores. For every setting asked for
+(``--settings``: OpenMP's wait policy ``active`` / ``passive``, torch threads
+per run ``threads=N``, or both joined by ``+``), the bench runs the config
+once alone and then three copies side by side, and prints per run: wall time,
+slowdown against alone, and peak resident memory (``wait4``'s maxrss of that
+process). A fair share of the cores would make each of three runs at most 3x
+slower than alone. Same config and seed, so the four runs of a setting must
+end with the same final checkpoint (another thread count may round floats
+differently, so settings are not compared with each other).
 
 Measured results: docs/performance.md.
 
-    .venv/bin/python bench/contention.py [--config configs/demo.yaml] [--set key=value ...] [--threads default 1]
+    .venv/bin/python bench/contention.py [--config configs/demo.yaml] [--set key=value ...] [--settings active passive active+threads=1]
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def _start(config: str, overrides: list[str], root: str, env: dict) -> subproces
     return subprocess.Popen([sys.executable, "-c", _CHILD, config, json.dumps(args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _runs(config: str, overrides: list[str], n: int, tmp: str, tag: str) -> list[dict]:
-    """``n`` runs started together; per run its wall time, peak RSS and final digest."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _runs(config: str, overrides: list[str], env: dict, n: int, tmp: str, tag: str) -> list[dict]:
+    """``n`` runs started together; per run its wall time and peak RSS."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     t0 = time.perf_counter()
     procs = {_start(config, overrides, os.path.join(tmp, f"{tag}-{i}"), env).pid: i for i in range(n)}
     out: list[dict] = [{} for _ in range(n)]
@@ -54,6 +56,20 @@ def _runs(config: str, overrides: list[str], n: int, tmp: str, tag: str) -> list
         i = procs.pop(pid)
         out[i] = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "ok": os.waitstatus_to_exitcode(status) == 0}
     return out
+
+
+def setting(text: str) -> tuple[list[str], dict[str, str]]:
+    """``default``, ``passive`` / ``active`` (OMP_WAIT_POLICY), ``threads=N``
+    (pipeline.torch_threads), or several joined by ``+``: overrides and environment."""
+    overrides, env = [], {}
+    for part in text.split("+"):
+        if part in ("passive", "active"):
+            env["OMP_WAIT_POLICY"] = part.upper()
+        elif part.startswith("threads="):
+            overrides.append(f"pipeline.torch_threads={int(part.split('=', 1)[1])}")
+        elif part != "default":
+            raise SystemExit(f"bench/contention.py: error: unknown setting {part!r} (default, passive, active, threads=N, joined by +)")
+    return overrides, env
 
 
 def _digests(tmp: str, tag: str, n: int) -> list[str | None]:
@@ -68,29 +84,31 @@ def _digests(tmp: str, tag: str, n: int) -> list[str | None]:
     return found
 
 
-def measure(config: str, overrides: list[str], threads: list[str], tmp: str) -> dict:
+def measure(config: str, overrides: list[str], settings: list[str], tmp: str) -> dict:
+    """Per setting: one run alone, then three at once (slowdowns against that run alone)."""
     res = {}
-    for setting in threads:
-        ov = overrides if setting == "default" else [*overrides, f"pipeline.torch_threads={int(setting)}"]
-        alone = _runs(config, ov, 1, tmp, f"{setting}-alone")
-        three = _runs(config, ov, 3, tmp, f"{setting}-three")
-        digests = _digests(tmp, f"{setting}-alone", 1) + _digests(tmp, f"{setting}-three", 3)
-        res[setting] = {"alone": alone[0], "three": three, "slowdown": [round(r["wall_s"] / alone[0]["wall_s"], 2) for r in three], "same_model": len(set(digests)) == 1 and None not in digests}
-        print(f"threads={setting}: {json.dumps(res[setting])}", flush=True)
+    for name in settings:
+        extra, env = setting(name)
+        ov = [*overrides, *extra]
+        alone = _runs(config, ov, env, 1, tmp, f"{name}-alone")
+        three = _runs(config, ov, env, 3, tmp, f"{name}-three")
+        digests = _digests(tmp, f"{name}-alone", 1) + _digests(tmp, f"{name}-three", 3)
+        res[name] = {"alone": alone[0], "three": three, "slowdown": [round(r["wall_s"] / alone[0]["wall_s"], 2) for r in three], "same_model": len(set(digests)) == 1 and None not in digests, "digest": digests[0]}
+        print(f"{name}: {json.dumps(res[name])}", flush=True)
         if not all(r["ok"] for r in [*alone, *three]):
-            print(f"warning: a run with threads={setting} failed: its figures are not comparable", flush=True)
+            print(f"warning: a run with {name} failed: its figures are not comparable", flush=True)
     return res
 
 
 def report(res: dict) -> str:
-    lines = ["| torch threads per run | alone (s) | alone peak RSS (MB) | three at once (s, each) | slowdown (each) | peak RSS of each (MB) | same final model |", "|---|---|---|---|---|---|---|"]
-    for setting, r in res.items():
+    lines = ["| setting | alone (s) | alone peak RSS (MB) | three at once (s, each) | slowdown (each) | peak RSS of each (MB) | same final model (4 runs) |", "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
         three = r["three"]
         walls = ", ".join(f"{x['wall_s']:.0f}" for x in three)
         slow = ", ".join(f"{x:.2f}x" for x in r["slowdown"])
         peaks = ", ".join(f"{x['peak_rss_mb']:,}" for x in three)
         same = "yes" if r["same_model"] else "NO"
-        lines.append(f"| {setting} | {r['alone']['wall_s']:.0f} | {r['alone']['peak_rss_mb']:,} | {walls} | {slow} | {peaks} | {same} |")
+        lines.append(f"| {name} | {r['alone']['wall_s']:.0f} | {r['alone']['peak_rss_mb']:,} | {walls} | {slow} | {peaks} | {same} |")
     return "\n".join(lines)
 
 
@@ -98,10 +116,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--threads", nargs="+", default=["default", "1"], help="torch threads per run to compare: 'default' (torch's own) or a number")
+    ap.add_argument("--settings", nargs="+", default=["active", "passive", "active+threads=1"], help="what to compare: default, passive / active (OMP_WAIT_POLICY), threads=N (pipeline.torch_threads), joined by +")
     args = ap.parse_args()
+    for name in args.settings:
+        setting(name)  # a bad setting fails before any run
     with tempfile.TemporaryDirectory(prefix="ipr-contention-") as tmp:
-        res = measure(args.config, args.overrides, args.threads, tmp)
+        res = measure(args.config, args.overrides, args.settings, tmp)
     print(report(res))
 
 
