@@ -2,8 +2,8 @@
 
 Each run is its own process (``run_local``: no Prefect) with its own storage
 root, so nothing is shared but the cores. For every setting asked for
-(``--settings``: OpenMP's wait policy ``active`` / ``passive``, torch threads
-per run ``threads=N``, or both joined by ``+``), the bench runs the config
+(``--settings``: OpenMP's wait policy ``active`` / ``passive``, its spin count
+``spin=N``, torch threads per run ``threads=N``, or several joined by ``+``), the bench runs the config
 once alone and then three copies side by side, and prints per run: wall time,
 slowdown against alone, and peak resident memory (``wait4``'s maxrss of that
 process). A fair share of the cores would make each of three runs at most 3x
@@ -13,7 +13,7 @@ differently, so settings are not compared with each other).
 
 Measured results: docs/performance.md.
 
-    .venv/bin/python bench/contention.py [--config configs/demo.yaml] [--set key=value ...] [--settings active passive active+threads=1]
+    .venv/bin/python bench/contention.py [--config configs/demo.yaml] [--set key=value ...] [--settings default spin=300000 passive threads=1]
 """
 
 from __future__ import annotations
@@ -59,16 +59,18 @@ def _runs(config: str, overrides: list[str], env: dict, n: int, tmp: str, tag: s
 
 
 def setting(text: str) -> tuple[list[str], dict[str, str]]:
-    """``default``, ``passive`` / ``active`` (OMP_WAIT_POLICY), ``threads=N``
+    """``default``, ``passive`` / ``active`` (OMP_WAIT_POLICY), ``spin=N`` (GOMP_SPINCOUNT), ``threads=N``
     (pipeline.torch_threads), or several joined by ``+``: overrides and environment."""
     overrides, env = [], {}
     for part in text.split("+"):
         if part in ("passive", "active"):
             env["OMP_WAIT_POLICY"] = part.upper()
+        elif part.startswith("spin="):
+            env["GOMP_SPINCOUNT"] = str(int(part.split("=", 1)[1]))
         elif part.startswith("threads="):
             overrides.append(f"pipeline.torch_threads={int(part.split('=', 1)[1])}")
         elif part != "default":
-            raise SystemExit(f"bench/contention.py: error: unknown setting {part!r} (default, passive, active, threads=N, joined by +)")
+            raise SystemExit(f"bench/contention.py: error: unknown setting {part!r} (default, passive, active, spin=N, threads=N, joined by +)")
     return overrides, env
 
 
@@ -116,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--settings", nargs="+", default=["active", "passive", "active+threads=1"], help="what to compare: default, passive / active (OMP_WAIT_POLICY), threads=N (pipeline.torch_threads), joined by +")
+    ap.add_argument("--settings", nargs="+", default=["default", "spin=300000", "passive", "threads=1"], help="what to compare: default, passive / active (OMP_WAIT_POLICY), spin=N (GOMP_SPINCOUNT), threads=N (pipeline.torch_threads), joined by +")
     args = ap.parse_args()
     for name in args.settings:
         setting(name)  # a bad setting fails before any run

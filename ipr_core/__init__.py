@@ -6,10 +6,20 @@ Pure Python + torch; never imports prefect (an architecture test enforces it).
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
 __version__ = "0.1.0"
+
+# GNU OpenMP (torch's CPU threads) spin-waits ~300k iterations between parallel
+# regions. Runs sharing a host then spin against each other: three demo-sized
+# runs on 2 cores were 13x slower each; with a 10k spin, 4x, and a run alone
+# as fast as before (docs/performance.md). libgomp reads it when it loads, so
+# it is set here, before torch is imported; the user's own value wins.
+if "torch" not in sys.modules:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 @lru_cache(maxsize=1)

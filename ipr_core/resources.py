@@ -76,8 +76,8 @@ def cores() -> int:
 
 
 def thread_settings() -> dict[str, Any]:
-    """Torch's intra-op and inter-op threads, the cores allowed, and OpenMP's wait policy."""
-    out: dict[str, Any] = {"cores": cores(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+    """Torch's intra-op and inter-op threads, the cores allowed, and OpenMP's wait policy and spin count."""
+    out: dict[str, Any] = {"cores": cores(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "")}
     torch = sys.modules.get("torch")  # not imported for this: a stage that never used torch has no torch threads
     if torch is not None:
         out.update(torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads())

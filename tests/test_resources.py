@@ -52,3 +52,15 @@ def test_pipeline_torch_threads_is_what_the_stages_run_with(tmp_path):
         torch.set_num_threads(before)
     m = store.read_manifest(store.join(run_uri(cfg), "sft/model"))
     assert m.timings["torch_threads"] == 1, m.timings
+
+
+def test_openmp_spins_briefly_by_default_and_the_users_value_wins():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, ipr_core; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "10000"
+    mine = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5"}, capture_output=True, text=True, check=True)
+    assert mine.stdout.strip() == "5"
