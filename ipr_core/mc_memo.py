@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 from ipr_core.conversation import render_context
@@ -43,7 +44,8 @@ class Scope:
     scorer: str
     settings: Mapping[str, Any]
 
-    def digest(self) -> str:
+    @cached_property
+    def digest(self) -> str:  # once per scope: every target's keys hash it
         return _digest({"scorer": self.scorer, "settings": dict(self.settings), "seeds": SEEDS})
 
 
@@ -56,7 +58,7 @@ class Keys:
 def keys(scope: Scope, traj, step: int, history: int | None) -> Keys:
     """The memo keys of scoring action a_t (1-based ``step``) of ``traj``."""
     prefix = traj.steps[:step]
-    state = {"scope": scope.digest(), "task": traj.task.to_row(), "actions": [s.action for s in prefix]}
+    state = {"scope": scope.digest, "task": traj.task.to_row(), "actions": [s.action for s in prefix]}
     context = render_context(traj.system, traj.instruction, prefix, history)
     return Keys(exact=_digest({**state, "context": context}), action=_digest(state))
 

@@ -62,6 +62,18 @@ _TRAJ_FIELDS = (
     ("error", pa.string(), True),  # set when the episode crashed (never silently dropped)
 )
 
+# One scorer rollout (mc_rollouts), also the body of a step-reward memo row (mc_memo).
+_MC_ROLLOUT_FIELDS = (
+    ("branch_id", pa.string(), False),  # the trajectory (expert or agent branch) being scored
+    ("task_id", pa.string(), False),
+    ("step", pa.int32(), False),  # t: the scored action is steps[t-1] (1-based)
+    ("rollout", pa.int32(), False),
+    ("seed", pa.int64(), False),
+    ("outcome_reward", pa.float64(), False),
+    ("n_steps", pa.int32(), False),
+    ("error", pa.string(), True),
+)
+
 SCHEMAS: dict[str, ArtifactSchema] = {
     s.kind: s
     for s in [
@@ -89,35 +101,14 @@ SCHEMAS: dict[str, ArtifactSchema] = {
             ),
             "Exploration along an expert: prefix e_{1:j} replayed (prefix_len=j), then the agent's own steps.",
         ),
-        ArtifactSchema(
-            "mc_rollouts",
-            1,
-            _s(
-                ("branch_id", pa.string(), False),  # the trajectory (expert or agent branch) being scored
-                ("task_id", pa.string(), False),
-                ("step", pa.int32(), False),  # t: the scored action is steps[t-1] (1-based)
-                ("rollout", pa.int32(), False),
-                ("seed", pa.int64(), False),
-                ("outcome_reward", pa.float64(), False),
-                ("n_steps", pa.int32(), False),
-                ("error", pa.string(), True),
-            ),
-            "Scorer rollouts from a restored prefix ending in action a_t (Eq. 3-5).",
-        ),
+        ArtifactSchema("mc_rollouts", 1, _s(*_MC_ROLLOUT_FIELDS), "Scorer rollouts from a restored prefix ending in action a_t (Eq. 3-5)."),
         ArtifactSchema(
             "mc_memo",
             1,
             _s(
                 ("key", pa.string(), False),  # ipr_core.mc_memo.keys(...).exact: what decides the estimate
                 ("action_key", pa.string(), False),  # the same without the rendered context (state + action)
-                ("rollout", pa.int32(), False),
-                ("seed", pa.int64(), False),
-                ("outcome_reward", pa.float64(), False),
-                ("n_steps", pa.int32(), False),
-                ("error", pa.string(), True),
-                ("task_id", pa.string(), False),
-                ("step", pa.int32(), False),
-                ("branch_id", pa.string(), False),  # the trajectory whose scoring computed it
+                *_MC_ROLLOUT_FIELDS,  # branch_id: the trajectory whose scoring computed it
             ),
             "Step-reward memo: scorer rollouts keyed by what decides their estimate (reused across branches and iterations).",
         ),

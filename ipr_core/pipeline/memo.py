@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from ipr_core import mc_memo, store
 from ipr_core.pipeline.runner import publish
@@ -28,7 +28,7 @@ MEMO = "_memo"
 
 
 def folder(root: str, scope: mc_memo.Scope) -> str:
-    return store.join(root, MEMO, "mc", scope.digest()[:16])
+    return store.join(root, MEMO, "mc", scope.digest[:16])
 
 
 def read(root: str, scope: mc_memo.Scope) -> list[dict]:
@@ -50,7 +50,7 @@ def read(root: str, scope: mc_memo.Scope) -> list[dict]:
 
 class Writer:
     """Collects finished rollouts; writes a part each time ``flush`` estimates
-    (all N rollouts of a key) are complete, and the rest on ``close``."""
+    (all N rollouts of a key) are complete; ``write`` writes what is left."""
 
     def __init__(self, root: str, scope: mc_memo.Scope, n_rollouts: int, flush: int, label: str):
         self.folder, self.n, self.flush_every = folder(root, scope), n_rollouts, flush
@@ -74,8 +74,3 @@ class Writer:
         publish(uri, "mc_memo", Rows(self.done, {"estimates": len(self.done) // self.n}))
         self.parts += 1
         self.done = []
-
-    def close(self, rows: Sequence[Mapping] = ()) -> None:
-        for r in rows:
-            self.add(r)
-        self.write()

@@ -20,6 +20,7 @@ from ipr_core.envs.base import make_env
 from ipr_core.pipeline import memo
 from ipr_core.pipeline.stage import Context, Folder, Rows, Stage, stage
 from ipr_core.pipeline.view import value_at
+from ipr_core.schemas import get_schema
 from ipr_core.policies.base import SamplingParams
 from ipr_core.types import Task, Trajectory
 
@@ -200,30 +201,33 @@ def _memo_rows(ep: Trajectory, k: mc_memo.Keys) -> dict:
     return {**row, "key": k.exact, "action_key": k.action}
 
 
-def _mc(ctx: Context, scorer_uri: str, targets: Sequence[ipr.MCTarget]) -> Rows:
+def _mc(ctx: Context, scorer_uri: str, scope: mc_memo.Scope, targets: Sequence[ipr.MCTarget]) -> Rows:
     """Eq. 3-5's rollouts for ``targets``, drawing on the step-reward memo: one
     computation per distinct key (``mc.memo``), the rest reused; new estimates
     are added to the memo while the rollouts run."""
     cfg = ctx.cfg
-    n, use_memo, column = cfg.mc.n_rollouts, cfg.mc.memo, ("action_key" if cfg.mc.memo_ignores_thoughts else "key")
-    scope = _scope(ctx, scorer_uri)
+    n, use_memo = cfg.mc.n_rollouts, cfg.mc.memo
+    column = "action_key" if cfg.mc.memo_ignores_thoughts else "key"
     scored = [t for t in targets if not ipr.is_last_step(t)]
     keys = [mc_memo.keys(scope, t.traj, t.step, cfg.sampling.history_turns) for t in scored]
     lookup = [k.action if column == "action_key" else k.exact for k in keys]
+    # what each target's estimate is filed under: its lookup key, or (memo off) itself
+    slots = lookup if use_memo else [str(i) for i in range(len(scored))]
     known = mc_memo.complete_entries(memo.read(ctx.root, scope), n, column) if use_memo else {}
-    todo: dict[str, int] = {}  # lookup key (or target, memo off) -> the target index that computes it
-    for i, lk in enumerate(lookup):
-        if lk not in known:
-            todo.setdefault(lk if use_memo else str(i), i)
+    todo: dict[str, int] = {}  # slot -> the target that computes it
+    for i, slot in enumerate(slots):
+        if lookup[i] not in known:
+            todo.setdefault(slot, i)
     run = list(todo.values())
-    by_target = {(scored[i].branch_id, scored[i].step): keys[i] for i in run}
+    index = {(scored[i].branch_id, scored[i].step): i for i in run}
     writer = memo.Writer(ctx.root, scope, n, cfg.mc.memo_flush, ctx.label) if use_memo else None
-    fresh: dict[tuple[str, int], list[dict]] = {}
+    fresh: dict[int, list[dict]] = {}  # computing target -> its rollouts (memo rows)
 
     def finished(ep: Trajectory) -> None:
         bid, step, _ = ipr.parse_mc_key(ep.traj_id)
-        row = _memo_rows(ep, by_target[(bid, step)])
-        fresh.setdefault((bid, step), []).append(row)
+        i = index[(bid, step)]
+        row = _memo_rows(ep, keys[i])
+        fresh.setdefault(i, []).append(row)
         if writer is not None:
             writer.add(row)
 
@@ -233,23 +237,23 @@ def _mc(ctx: Context, scorer_uri: str, targets: Sequence[ipr.MCTarget]) -> Rows:
     finally:
         if writer is not None:
             writer.write()  # what finished is kept, even when the stage fails
-    source = {lk: sorted(fresh[(scored[i].branch_id, scored[i].step)], key=lambda r: r["rollout"]) for lk, i in todo.items()}
+    computed = {slot: sorted(fresh[i], key=lambda r: r["rollout"]) for slot, i in todo.items()}
     rows = []
     for i, t in enumerate(scored):
-        entry = known.get(lookup[i]) or source[lookup[i] if use_memo else str(i)]
-        rows += [{"branch_id": t.branch_id, "task_id": t.traj.task.task_id, "step": t.step, **{c: e[c] for c in ROLLOUT_COLS}} for e in entry]
+        entry = known.get(lookup[i]) or computed[slots[i]]
+        rows += [{**{c: e[c] for c in ROLLOUT_COLUMNS}, "branch_id": t.branch_id, "task_id": t.traj.task.task_id, "step": t.step} for e in entry]
     reused = len(scored) - len(run)
     meta = {"targets": len(targets), "estimates": len(scored), "rollouts": len(specs), "targets_reused": reused, "rollouts_reused": reused * n, **cost}
     return Rows(rows, meta)
 
 
-ROLLOUT_COLS = ("rollout", "seed", "outcome_reward", "n_steps", "error")
+ROLLOUT_COLUMNS = get_schema("mc_rollouts").schema.names  # a memo row carries them all
 
 
 @stage("expert-mc", path="scorer/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *TRAIN_SET, "mc.shard_size"), cost=MC_COST)
 def expert_mc(ctx: Context, scorer_uri: str, experts_uri: str, shard: int) -> Rows:
     """Stage 1 for the expert: N scorer rollouts after every expert step (one shard)."""
-    return _mc(ctx, scorer_uri, ipr.expert_targets(_shard(ctx.cfg, experts_uri, shard)))
+    return _mc(ctx, scorer_uri, _scope(ctx, scorer_uri), ipr.expert_targets(_shard(ctx.cfg, experts_uri, shard)))
 
 
 # What decides which branches agent MC scores (ipr.pairable_targets).
@@ -261,14 +265,14 @@ def pair_rules(cfg) -> ipr.PairRules:
     return ipr.PairRules(p.tau_step, p.tau_outcome, p.step_variant, p.outcome_pairs, p.step_pairs)
 
 
-def _agent_targets(cfg, branches: Sequence[Trajectory], experts_uri: str) -> tuple[list, list]:
+def _agent_targets(cfg, branches: Sequence[Trajectory], experts: Sequence[Trajectory]) -> tuple[list, list]:
     """The branches' MC targets (the agent's first own action), less those that cannot
-    make a pair unless ``mc.score_all_branches``; and those left out."""
+    make a pair unless ``mc.score_all_branches``; and those left out. ``experts``: the
+    expert trajectories IPR explores along (``ipr_experts``)."""
     targets = ipr.branch_targets([(b.traj_id, b) for b in branches])
     if cfg.mc.score_all_branches:
         return targets, []
-    outcomes = {e.traj_id: e.outcome_reward for e in ipr_experts(cfg, read_trajectories(experts_uri))}
-    kept = ipr.pairable_targets(targets, outcomes, cfg.pairs.tau_outcome, cfg.pairs.step_pairs)
+    kept = ipr.pairable_targets(targets, {e.traj_id: e.outcome_reward for e in experts}, cfg.pairs.tau_outcome, cfg.pairs.step_pairs)
     ids = {(t.branch_id, t.step) for t in kept}
     return kept, [t for t in targets if (t.branch_id, t.step) not in ids]
 
@@ -278,11 +282,12 @@ def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str,
     """Stage 1 for the agent: N scorer rollouts after each branch's first own action
     (branches that cannot make a pair are skipped: ``mc.score_all_branches``)."""
     cfg = ctx.cfg
-    targets, skipped = _agent_targets(cfg, read_trajectories(branches_uri, "branches"), experts_uri)
-    out = _mc(ctx, scorer_uri, targets)
-    experts = {e.traj_id: e for e in ipr_experts(cfg, read_trajectories(experts_uri))}
-    same = _same_as_expert(_scope(ctx, scorer_uri), targets, experts, cfg.sampling.history_turns)
-    skipped_rollouts = len(ipr.mc_specs(skipped, cfg.mc.n_rollouts, cfg.seed))
+    experts = ipr_experts(cfg, read_trajectories(experts_uri))
+    targets, skipped = _agent_targets(cfg, read_trajectories(branches_uri, "branches"), experts)
+    scope = _scope(ctx, scorer_uri)
+    out = _mc(ctx, scorer_uri, scope, targets)
+    same = _same_as_expert(scope, targets, {e.traj_id: e for e in experts}, cfg.sampling.history_turns)
+    skipped_rollouts = cfg.mc.n_rollouts * sum(not ipr.is_last_step(t) for t in skipped)  # what mc_specs would have run
     return Rows(out.rows, {**out.meta, **same, "skipped_targets": len(skipped), "skipped_rollouts": skipped_rollouts})
 
 
@@ -314,7 +319,7 @@ def expert_rewards(ctx: Context, experts_uri: str, mc_uris: list[str]) -> Rows:
 @stage("agent-rewards", path="iter-{iteration:02d}/agent_rewards", kind="step_rewards", reads=AGENT_TARGETS)
 def agent_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, mc_uris: list[str], iteration: int) -> Rows:
     """Eq. 3-5 over the agent's first own action of every branch agent MC scored."""
-    return _rewards(_agent_targets(ctx.cfg, _branches(branches_uris), experts_uri)[0], mc_uris)
+    return _rewards(_agent_targets(ctx.cfg, _branches(branches_uris), ipr_experts(ctx.cfg, read_trajectories(experts_uri)))[0], mc_uris)
 
 
 @stage("explore", path="iter-{iteration:02d}/explore/shard-{shard:03d}", kind="branches", reads=(*EPISODES, *TRAIN_SET, "mc.shard_size", "sampling.explore_temperature"), cost=EPISODE_COST)
