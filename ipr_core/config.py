@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -90,7 +90,7 @@ class SamplingConfig(_Section):
     explore_temperature: float = Field(0.0, ge=0, description="Temperature of the agent's exploration and evaluation (paper: greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for sampled rollouts.")
     prefix_sharing: bool = Field(True, description="Reuse computed prompt prefixes (transformers backend): N samples of one state, the head a batch shares, and earlier turns' prompts and replies (KV kept across calls).")
-    prefix_cache_mb: float = Field(512.0, ge=0, description="Memory for KV kept across generate calls (transformers backend; ~2 KB per token for the tiny model, ~56 KB for a 7B GQA model in bf16); 0 keeps none.")
+    prefix_cache_mb: float = Field(512.0, ge=0, description="Memory for KV kept across generate calls, shared by every policy of the process (transformers backend; ~2 KB per token for the tiny model, ~56 KB for a 7B GQA model in bf16); 0 keeps none.")
 
 
 class MCConfig(_Section):
@@ -182,12 +182,13 @@ class PipelineConfig(_Section):
     early_stop: bool = Field(False, description="Stop when held-out reward falls below the best so far.")
     task_runner: Literal["threads", "dask", "ray"] = Field("threads", description="Prefect task runner for mapped shards.")
     max_workers: int = Field(2, ge=1, description="Thread-pool / local-cluster workers.")
-    torch_threads: int | None = Field(
-        None,
-        ge=1,
-        description="Torch intra-op threads of the run's process (set at its start; every stage's manifest records what it ran with). "
-        "None: torch's default (the cores in the CPU affinity mask). On a shared host, the cores this run may use: a team wider than its share "
-        "of the cores spins against other processes' threads (bench/contention.py).",
+    torch_threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Torch intra-op threads of each stage (set where the stage runs; every stage's manifest records what it ran with). "
+        "'auto': the cores in the CPU affinity mask divided among the stages that can run at once on this machine (pipeline.max_workers; "
+        "a stage on an external Dask scheduler's worker takes that worker's cores). None: torch's own default. On a shared host, the cores "
+        "this run may use: a team wider than its share of the cores spins against other processes' threads (bench/contention.py). "
+        "A speed setting: another thread count may round floats differently.",
     )  # fmt: skip
     dask_address: str | None = Field(None, description="Existing Dask scheduler address; None starts a LocalCluster.")
     retries: int = Field(2, ge=0, description="Retries for transient errors (I/O, model server, env crash).")

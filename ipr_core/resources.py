@@ -5,6 +5,9 @@ shows the peak.
 
 The peak is the process's, sampled while the stage runs: stages that run side
 by side in one process (thread task runner) see each other's memory.
+
+Also the process's shared pools (``shared_pool``): stages that run side by side
+draw their environment threads from one pool instead of each starting its own.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import resource
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -84,9 +88,35 @@ def thread_settings() -> dict[str, Any]:
     return out
 
 
+def stage_threads(setting: int | str | None, *, max_workers: int, local: bool) -> int | None:
+    """What ``pipeline.torch_threads`` means here: a count as given; ``"auto"``:
+    this process's cores shared among the ``max_workers`` stages that run at
+    once on this machine (``local``; a remote worker's stage takes its cores);
+    None: torch's default."""
+    if setting == "auto":
+        return max(1, cores() // (max_workers if local else 1))
+    return setting  # type: ignore[return-value]
+
+
 def set_torch_threads(n: int | None) -> None:
-    """``pipeline.torch_threads``: torch's intra-op threads for this process (None: leave torch's default)."""
+    """Torch's intra-op threads for this process (None: leave torch's default)."""
     if n is not None:
         import torch
 
         torch.set_num_threads(n)
+
+
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """The process's pool ``name`` of ``workers`` threads, created on first use
+    and kept for the process's life. Process-wide on purpose: two stages that
+    run at once with ``env.workers=4`` step their environments on 4 threads,
+    not 8. Work items must not wait on other items of the same pool."""
+    with _POOLS_LOCK:
+        key = (name, workers)
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        return _POOLS[key]

@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence, TypeVar
 
@@ -48,6 +47,7 @@ from ipr_core.conversation import render_context
 from ipr_core.envs.base import Environment, StepResult
 from ipr_core.policies.base import LanedPolicy, Policy, SamplingParams
 from ipr_core.progress import bar
+from ipr_core.resources import shared_pool
 from ipr_core.seeding import derive_seed
 from ipr_core.types import MalformedAction, Step, Task, Trajectory, parse_react
 
@@ -310,7 +310,8 @@ class _LockStep:
         self.active: dict[int, _Episode] = {}  # slot -> episode
         self.tally = _Tally()
         self.bar = bar(len(specs), progress, "ep") if progress else None
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ipr-env") if workers > 1 else None
+        # The process's env pool: runs side by side (concurrent stages) share its threads.
+        self.pool = shared_pool("ipr-env", workers) if workers > 1 else None
         self.lanes, self.n_lanes = _lanes(policy, n_slots, batch_size)
         self.in_flight: dict[int, list[_Row]] = {}  # lane -> the rows it is answering
 
@@ -438,8 +439,6 @@ class _LockStep:
     def close(self) -> None:
         if self.in_flight:  # stopped by an error: the other lanes' replies must not reach a later call
             self.lanes.drain()
-        if self.pool:
-            self.pool.shutdown(wait=True)
         for env in self.envs:
             _close_quietly(env)
         if self.bar is not None:

@@ -333,3 +333,48 @@ def test_from_gguf_converts_smollm2_when_available(tmp_path):
     assert not hasattr(p.model.config, "quantization_config") and p.model.dtype == torch.float32
     conv = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     assert "Paris" in p.generate([conv], SamplingParams(temperature=0.0, max_new_tokens=20), [0])[0]
+
+
+def test_two_policies_in_one_process_share_one_prefix_cache_budget(loaded):
+    """sampling.prefix_cache_mb bounds the process, not each policy: the
+    scorer's and the agent's caches (or two concurrent stages') hold at most
+    the budget together, the least recently used entries of either go first,
+    and what is generated does not depend on what stayed cached."""
+    import threading
+
+    convs, seeds = _mc_batch()
+    probe = _policy(loaded, prefix_cache_mb=97.25)  # a budget no other test uses: its own
+    probe.generate(convs, SAMPLED, seeds)
+    kept = probe._prefix.nbytes
+    assert kept > 0
+    mb = 1.5 * kept / 2**20  # room for one policy's call and a half
+    a, b = _policy(loaded, prefix_cache_mb=mb), _policy(loaded, prefix_cache_mb=mb)
+    budget = a._prefix.budget
+    assert b._prefix.budget is budget and budget is not probe._prefix.budget
+    a.generate(convs, SAMPLED, seeds)
+    assert a._prefix.nbytes == kept and b._prefix.nbytes == 0
+    b.generate(convs, SAMPLED, [s + 1000 for s in seeds])  # other replies: other entries
+    assert budget.nbytes == a._prefix.nbytes + b._prefix.nbytes <= budget.limit_bytes
+    assert a._prefix.nbytes < kept and b._prefix.nbytes > 0  # b's entries pushed out a's oldest
+
+    # Both at once, from two threads (the thread task runner's concurrent stages).
+    cold = _policy(loaded, prefix_sharing=False)
+    nxt = _next_turns(cold, convs, cold.generate(convs, SAMPLED, seeds))
+    want = cold.generate(nxt, SAMPLED, seeds)
+    got: dict[int, list[str]] = {}
+
+    def work(i, p):
+        for _ in range(3):
+            got[i] = p.generate(nxt, SAMPLED, seeds)
+
+    threads = [threading.Thread(target=work, args=(i, p)) for i, p in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] == got[1] == want
+    assert budget.nbytes == a._prefix.nbytes + b._prefix.nbytes <= budget.limit_bytes
+    # A dropped policy gives its share back.
+    held = b._prefix.nbytes
+    b.close()
+    assert budget.nbytes == a._prefix.nbytes and held > 0

@@ -80,3 +80,31 @@ def test_length_groups_split_long_tails_from_short_ones():
     assert length_groups([50, 52, 55, 60], overhead=64) == [[0, 1, 2, 3]]  # similar lengths: one forward
     assert length_groups([7]) == [[0]] and length_groups([]) == []
     assert len(length_groups(list(range(1, 33)) * 10, overhead=0)) == 4  # capped at max_groups
+
+
+def test_caches_on_one_budget_hold_it_together_and_evict_the_least_recently_used_of_all():
+    from ipr_core.policies.prefix_cache import KVBudget, process_budget
+
+    one = kv_for(list(range(BLOCK)))
+    size = sum(k.numel() * 4 + v.numel() * 4 for k, v in one)
+    budget = KVBudget(3 * size)
+    a, b = PrefixCache(budget), PrefixCache(budget)
+    sa, sb = [[i] * BLOCK for i in (1, 2)], [[i] * BLOCK for i in (3, 4)]
+    a.insert(sa[0], kv_for(sa[0]))
+    b.insert(sb[0], kv_for(sb[0]))
+    a.insert(sa[1], kv_for(sa[1]))
+    assert budget.nbytes == 3 * size and (len(a), len(b)) == (2, 1)
+    assert a.lookup(sa[0] + [0], BLOCK)[0] == BLOCK  # a's oldest is used again: b's entry is now the oldest of all
+    b.insert(sb[1], kv_for(sb[1]))
+    assert b.lookup(sb[0] + [0], BLOCK) == (0, None)  # evicted from b, though a holds more
+    assert (len(a), len(b)) == (2, 1) and budget.nbytes == a.nbytes + b.nbytes == 3 * size
+    b.insert(sa[0] + [5] * BLOCK, kv_for(sa[0] + [5] * BLOCK))  # two blocks: two of a's entries go
+    assert budget.nbytes <= 3 * size and a.lookup(sa[1] + [0], BLOCK) == (0, None)
+    a.clear()
+    assert budget.nbytes == b.nbytes and len(budget) == 2
+    del b
+    import gc
+
+    gc.collect()
+    assert budget.nbytes == 0 and len(budget) == 1
+    assert process_budget(1 << 20) is process_budget(1 << 20) and process_budget(1 << 20) is not process_budget(1 << 21)

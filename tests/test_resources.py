@@ -64,3 +64,15 @@ def test_openmp_spins_briefly_by_default_and_the_users_value_wins():
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "10000"
     mine = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5"}, capture_output=True, text=True, check=True)
     assert mine.stdout.strip() == "5"
+
+
+def test_auto_torch_threads_share_the_cores_among_concurrent_stages(monkeypatch):
+    import ipr_core.resources as res
+
+    monkeypatch.setattr(res, "cores", lambda: 8)
+    assert res.stage_threads("auto", max_workers=2, local=True) == 4
+    assert res.stage_threads("auto", max_workers=16, local=True) == 1
+    assert res.stage_threads("auto", max_workers=4, local=False) == 8  # an external cluster's worker: its own cores
+    assert res.stage_threads(3, max_workers=2, local=True) == 3
+    assert res.stage_threads(None, max_workers=2, local=True) is None
+    assert load_config(None, []).pipeline.torch_threads == "auto"

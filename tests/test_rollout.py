@@ -249,3 +249,31 @@ def test_lockstep_equals_sequential_on_babyai(tiny_policy):
     assert babyai is not None
     for policy in (ScriptedPolicy(), tiny_policy):
         assert run_episodes(make, policy, specs, GREEDY, history=1) == run_sequential(make, policy, specs, GREEDY, history=1)
+
+
+def test_runs_side_by_side_share_the_process_env_threads():
+    """Two concurrent stages with env.workers=3 step their environments on 3
+    threads between them, not 6, and each gets the results it gets alone."""
+    import threading
+
+    specs = _specs()
+    ref = run_sequential(LineWorld, ScriptedPolicy(), specs, GREEDY, history=2)
+    seen: set[threading.Thread] = set()  # thread objects: two pools would reuse the same names
+
+    class Recording(LineWorld):
+        def step(self, action):
+            seen.add(threading.current_thread())
+            return super().step(action)
+
+    got: dict[int, list] = {}
+
+    def stage(i: int) -> None:
+        got[i] = run_episodes(partial(Recording, step_delay_s=0.002), ScriptedPolicy(), specs, GREEDY, history=2, workers=3, batch_size=8)
+
+    threads = [threading.Thread(target=stage, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] == got[1] == ref
+    assert len(seen) <= 3 and all(t.name.startswith("ipr-env") for t in seen), seen

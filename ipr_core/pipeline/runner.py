@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import BaseModel
 
 from ipr_core import store
-from ipr_core.resources import PeakRSS, set_torch_threads, thread_settings
+from ipr_core.resources import PeakRSS, set_torch_threads, stage_threads, thread_settings
 from ipr_core.pipeline.stage import Context, Folder, Output, Rows, Stage, identity, recipe
 from ipr_core.schemas import from_rows
 
@@ -113,7 +113,9 @@ def execute(call: Call, cfg: BaseModel, root: str) -> str:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"ipr-{st.name}-") as tmp:
         ctx = Context(st.view(cfg), Path(tmp), st.out_path(call.params), root)
-        set_torch_threads(cfg.pipeline.torch_threads)  # here: in whichever process (Dask, Ray worker) the stage runs
+        # here: in whichever process (Dask, Ray worker) the stage runs
+        p = cfg.pipeline
+        set_torch_threads(stage_threads(p.torch_threads, max_workers=p.max_workers, local=p.dask_address is None))
         with PeakRSS() as peak:
             output = st.fn(ctx, **call.inputs, **call.params)
         used = {"peak_rss_mb": peak.peak_mb, **thread_settings()}

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 from ipr_core.config import SamplingConfig
 from ipr_core.policies.base import PolicyError, SamplingParams
 from ipr_core.policies.kv_cache import drop_rows, load_heads, merge_prefills, plain_layers, reserved_cache
-from ipr_core.policies.prefix_cache import BLOCK, PrefixCache
+from ipr_core.policies.prefix_cache import BLOCK, PrefixCache, process_budget
 from ipr_core.policies.segment_tokens import SegmentEncoder
 from ipr_core.policies.tiny import IM_END, load_tokenizer
 from ipr_core.types import Message
@@ -201,7 +201,8 @@ class TransformersPolicy:
         self._keep_logits = "logits_to_keep" in params
         self._kv_reusable = plain_layers(getattr(DynamicCache(config=model.config), "layers", None))
         keep = self._kv_reusable and prefix_cache_mb > 0
-        self._prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if keep else None
+        # The budget is the process's: policies built side by side (concurrent stages) share it.
+        self._prefix = PrefixCache(process_budget(int(prefix_cache_mb * 2**20))) if keep else None
         self._weights_version = sum(p._version for p in model.parameters())
 
     @property
