@@ -165,6 +165,22 @@ class IPRTrainConfig(_Section):
     max_time_s: float | None = Field(None, gt=0, description="Per iteration. " + SFTConfig.model_fields["max_time_s"].description)
 
 
+class RewardModelConfig(_Section):
+    """The learned step reward model (paper Table 5): a scalar head on the scorer's backbone, MSE on MC step rewards."""
+
+    epochs: float = Field(3.0, gt=0, description="Epochs over the training labels.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate (head and backbone).")
+    batch_size: int = Field(16, ge=1, description="Labels per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Warmup fraction.")
+    scheduler: str = Field("cosine", description="LR schedule.")
+    max_length: int = Field(1024, ge=16, description="Max tokens of a scored context (its last tokens are kept: the step is at the end).")
+    held_out: float = Field(0.2, ge=0, lt=1, description="Fraction of tasks whose labels are held out (the reported error is on them).")
+    max_steps: int | None = Field(None, ge=1, description=SFTConfig.model_fields["max_steps"].description)
+    min_steps: int = Field(1, ge=0, description=SFTConfig.model_fields["min_steps"].description)
+    max_time_s: float | None = Field(None, gt=0, description=SFTConfig.model_fields["max_time_s"].description)
+
+
 class TrainingConfig(_Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 0 supervised fine-tuning.")
     ipr: IPRTrainConfig = Field(default_factory=IPRTrainConfig, description="Stage 4 mixed-loss training.")
