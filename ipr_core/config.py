@@ -115,6 +115,13 @@ class MCConfig(_Section):
         "(the scorer is then conditioned on another thought than the one being scored).",
     )  # fmt: skip
     memo_flush: int = Field(32, ge=1, description="Write the memo every this many finished estimates (what a killed MC stage keeps).")
+    mode: Literal["rollouts", "reward_model"] = Field(
+        "rollouts",
+        description="How agent branches get step rewards. rollouts: Eq. 3-5's scorer rollouts (the paper's main method). reward_model: "
+        "from iteration mc.reward_model_from on, a learned step reward model (paper Table 5; training.reward_model) trained on the MC "
+        "labels of the run so far (expert step rewards and the agent rewards of the earlier iterations) scores them, with no rollouts.",
+    )  # fmt: skip
+    reward_model_from: int = Field(2, ge=1, description="mc.mode=reward_model: the first iteration scored by the model; iterations before it run rollouts and their labels train it (1: expert labels only).")
 
 
 class PairsConfig(_Section):
@@ -184,6 +191,7 @@ class RewardModelConfig(_Section):
 class TrainingConfig(_Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 0 supervised fine-tuning.")
     ipr: IPRTrainConfig = Field(default_factory=IPRTrainConfig, description="Stage 4 mixed-loss training.")
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig, description="The learned step reward model (mc.mode=reward_model).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Training precision; auto = bf16 on supporting GPUs, fp32 on CPU.")
     max_forward_tokens: int = Field(
         16384,

@@ -40,6 +40,7 @@ PAPER_VARIANTS: dict[str, list[str]] = {
     "ipr-no-sft": ["training.ipr.w_sft=0"],
     "ipr-single-action": ["pairs.step_variant=single_action"],
     "ipr-ref-previous": ["training.ipr.reference=previous"],
+    "ipr-reward-model": ["mc.mode=reward_model"],
 }
 
 
@@ -252,10 +253,10 @@ def _row(variant: str, model: str, runs: Sequence[dict], base: dict[int, dict], 
 
 
 def _agent_mc(runs: Sequence[Mapping[str, Any]], iterations: Sequence[str]) -> dict[str, dict[str, float | None]]:
-    """Per iteration, agent MC's columns of the iteration table, averaged over the seeds."""
+    """Per iteration, agent MC's (or the reward model's) columns of the iteration table, averaged over the seeds."""
     from ipr_core.pipeline.summary import MC_COLUMNS
 
-    cols = (*MC_COLUMNS, "agent_mc_s")
+    cols = (*MC_COLUMNS, "agent_mc_s", "explore_mc_s", "rm_scored", "rm_rollouts_avoided", "rm_held_out_mae", "rm_pair_agreement")
     rows = {it: [row for r in runs for row in r["rows"] if row["model"] == it] for it in iterations}
     return {it: {c: _mean([row.get(c) for row in mine]) for c in cols} for it, mine in rows.items()}
 

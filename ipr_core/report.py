@@ -86,11 +86,31 @@ def markdown(run_name: str, rows: Sequence[Mapping], images: Mapping[str, str], 
 
         lines.append(f"| {r['model']} | {f('success_rate', '.3f')} | {f('mean_reward', '.3f')} | {f('val_success_rate', '.3f')} | {f('val_mean_reward', '.3f')} | {f('outcome_pairs', 'd')} | {f('step_pairs', 'd')} | {f('train_loss', '.4f')} | {r.get('train_steps') or '-'} | {r.get('note') or ''} |")
     lines.append("")
+    lines += _step_reward_cost(rows)
     for name, uri in images.items():
         lines += [f"![{name}]({uri})", ""]
     if links:
         lines += ["## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in links.items()]
     return "\n".join(lines)
+
+
+STEP_REWARD_COST = (
+    ("agent_mc_targets", "MC targets", "d"), ("agent_mc_rollouts", "rollouts run", "d"), ("agent_mc_reused", "rollouts reused", "d"),
+    ("agent_mc_skipped", "rollouts skipped", "d"), ("agent_mc_tokens", "generated tokens", "d"), ("agent_mc_s", "MC s", ".0f"),
+    ("rm_scored", "scored by the reward model", "d"), ("rm_rollouts_avoided", "rollouts avoided by it", "d"),
+    ("rm_held_out_mae", "its held-out MAE", ".3f"), ("rm_pair_agreement", "its pair agreement with MC", ".3f"),
+)  # fmt: skip
+
+
+def _step_reward_cost(rows: Sequence[Mapping]) -> list[str]:
+    """Per iteration, what the agent's step rewards cost: MC rollouts, or the reward model."""
+    its = [r for r in rows if r.get("agent_mc_targets") is not None or r.get("rm_scored") is not None]
+    if not its:
+        return []
+    cols = [c for c in STEP_REWARD_COST if any(r.get(c[0]) is not None for r in its)]
+    out = ["## Agent step rewards per iteration", "", "| model | " + " | ".join(h for _, h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    out += [f"| {r['model']} | " + " | ".join(_cell(r, k, fmt) for k, _, fmt in cols) + " |" for r in its]
+    return out + [""]
 
 
 def data_uri(png: bytes) -> str:
@@ -192,6 +212,11 @@ def experiment_markdown(res: Mapping, image: str, command: str | None = None) ->
         lines += ["", "Agent MC per iteration (mean over seeds): estimates needed, rollouts run, taken from the step-reward memo, skipped as unable to change a pair:", ""]
         lines += ["| variant | iteration | estimates | rollouts run | reused | skipped | generated tokens | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {v} | {it} | {number(c['agent_mc_targets'], 0)} | {number(c['agent_mc_rollouts'], 0)} | {number(c['agent_mc_reused'], 0)} | {number(c['agent_mc_skipped'], 0)} | {number(c['agent_mc_tokens'], 0)} | {number(c['agent_mc_s'], 0)} |" for v, it, c in mc]
+    rm = [(v, it, c) for v, cv in res["cost"].items() for it, c in cv.get("agent_mc", {}).items() if c.get("rm_scored") is not None]
+    if rm:
+        lines += ["", "Agent step rewards from the learned reward model (mean over seeds): steps it scored, the MC rollouts that took the place of, its error and pair agreement against MC on held-out tasks, and the iteration's exploration + step-reward wall time (the model's training included):", ""]
+        lines += ["| variant | iteration | scored | rollouts avoided | held-out MAE | pair agreement | explore + step rewards (s) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {v} | {it} | {number(c['rm_scored'], 0)} | {number(c['rm_rollouts_avoided'], 0)} | {number(c['rm_held_out_mae'])} | {number(c['rm_pair_agreement'])} | {number(c['explore_mc_s'], 0)} |" for v, it, c in rm]
     if res.get("audit"):
         lines += ["", "Step-reward audit (iteration 1: the run's MC estimates against a large-N reference by the same scorer):", ""]
         lines += ["| run | step pairs | N | N reference | MAE | direction agreement | pairs over tau_s | of those, confirmed |", "|---|---|---|---|---|---|---|---|"]

@@ -57,6 +57,20 @@ def check(cfg: IPRConfig) -> None:
     if cfg.pipeline.task_runner == "dask" and cfg.pipeline.dask_address:
         _reachable("pipeline.dask_address", cfg.pipeline.dask_address)
     _task_counts(cfg)
+    _reward_model_used(cfg)
+
+
+def _reward_model_used(cfg: IPRConfig) -> None:
+    """mc.mode=reward_model in a run where no iteration would use the model is a mistake, said up front."""
+    from ipr_core.config import ConfigError
+
+    mc = cfg.mc
+    if mc.mode != "reward_model":
+        return
+    if not cfg.pairs.step_pairs:
+        raise ConfigError("mc.mode=reward_model needs pairs.step_pairs=true: without step pairs no step reward is used")
+    if mc.reward_model_from > cfg.pipeline.iterations:
+        raise ConfigError(f"mc.reward_model_from={mc.reward_model_from} is past the last iteration (pipeline.iterations={cfg.pipeline.iterations}): no iteration would use the reward model")
 
 
 def _task_counts(cfg: IPRConfig) -> None:

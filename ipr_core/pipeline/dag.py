@@ -85,13 +85,40 @@ def prologue(cfg: IPRConfig, shards: int) -> list[Node]:
     return [experts, *tasks, base, sft, *evals, *mc, node("expert-rewards", experts_uri=experts, mc_uris=mc)]
 
 
+def uses_reward_model(cfg: IPRConfig, k: int) -> bool:
+    """Whether iteration k's agent branches are scored by the learned reward model."""
+    return cfg.mc.mode == "reward_model" and k >= cfg.mc.reward_model_from and cfg.pairs.step_pairs
+
+
+def reward_model_node(cfg: IPRConfig, shards: int, prologue_nodes: Sequence[Node]) -> Node:
+    """The reward model, trained on the MC labels of the prologue (expert step
+    rewards) and of the iterations before mc.reward_model_from."""
+    by = {n.stage: n for n in prologue_nodes}
+    policy, earlier = by["sft"], []
+    for j in range(1, cfg.mc.reward_model_from):
+        it = iteration(cfg, j, shards, prologue_nodes, policy)
+        earlier += it
+        policy = trained(it)
+    return node(
+        "reward-model", scorer_uri=by["sft"], experts_uri=by["experts"], expert_rewards_uri=by["expert-rewards"],
+        branches_uris=[n for n in earlier if n.stage == "explore"], agent_rewards_uris=[n for n in earlier if n.stage == "agent-rewards"],
+    )  # fmt: skip
+
+
 def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node], policy: Node) -> list[Node]:
-    """Iteration k: explore -> agent MC -> agent step rewards -> pairs -> train -> evaluate."""
+    """Iteration k: explore -> agent MC -> agent step rewards -> pairs -> train -> evaluate
+    (with mc.mode=reward_model, from mc.reward_model_from on: explore -> the reward
+    model's step rewards -> pairs ...; the model itself is trained in its first iteration)."""
     by = {n.stage: n for n in prologue_nodes}
     experts, sft = by["experts"], by["sft"]
     explore = [node("explore", policy_uri=policy, experts_uri=experts, iteration=k, shard=s) for s in range(shards)]
-    mc = [node("agent-mc", scorer_uri=sft, branches_uri=e, experts_uri=experts, iteration=k, shard=s) for s, e in enumerate(explore)]
-    rewards = node("agent-rewards", branches_uris=explore, experts_uri=experts, mc_uris=mc, iteration=k)
+    if uses_reward_model(cfg, k):
+        rm = reward_model_node(cfg, shards, prologue_nodes)
+        rewards = node("agent-rm-rewards", rm_uri=rm, branches_uris=explore, experts_uri=experts, iteration=k)
+        mc = [rm] if k == cfg.mc.reward_model_from else []
+    else:
+        mc = [node("agent-mc", scorer_uri=sft, branches_uri=e, experts_uri=experts, iteration=k, shard=s) for s, e in enumerate(explore)]
+        rewards = node("agent-rewards", branches_uris=explore, experts_uri=experts, mc_uris=mc, iteration=k)
     pairs = node("pairs", experts_uri=experts, branches_uris=explore, expert_rewards_uri=by["expert-rewards"], agent_rewards_uri=rewards, iteration=k)
     reference = sft if cfg.training.ipr.reference == "sft" else policy
     model = node("train", policy_uri=policy, reference_uri=reference, pairs_uri=pairs, experts_uri=experts, iteration=k)

@@ -356,4 +356,53 @@ def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, exp
     return Folder(ctx.workdir, result.summary())
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_rewards, agent_rewards, explore, pairs, train)}
+# --- the learned step reward model (paper Table 5; mc.mode=reward_model) -----------------
+
+RM_TRAIN = ("seed", "training.reward_model", "training.precision", "sampling.history_turns", "pairs.tau_step", *AGENT_TARGETS)
+
+
+def _labels(ctx: Context, experts: Sequence[Trajectory], branches: Sequence[Trajectory], reward_uris: Sequence[str]):
+    from ipr_core.training.reward_model import labeled_steps
+
+    targets = ipr.expert_targets(experts) + _agent_targets(ctx.cfg, branches, experts)[0]
+    rows = [r for u in reward_uris for r in store.read_rows(u, "step_rewards")]
+    return labeled_steps(targets, rows, ctx.cfg.sampling.history_turns), rows
+
+
+@stage("reward-model", path="reward_model/model", kind="checkpoint", reads=RM_TRAIN, cost=TRAIN_COST)
+def reward_model(ctx: Context, scorer_uri: str, experts_uri: str, expert_rewards_uri: str, branches_uris: list[str], agent_rewards_uris: list[str]) -> Folder:
+    """A scalar head on the scorer, trained by MSE on the run's MC step rewards so far
+    (expert steps, and the agent branches of the iterations before mc.reward_model_from),
+    with the labels of held-out tasks kept out for its error and pair agreement."""
+    from ipr_core.training.reward_model import held_out_split, pair_agreement, train_reward_model
+
+    cfg, rm = ctx.cfg, ctx.cfg.training.reward_model
+    experts = ipr_experts(cfg, read_trajectories(experts_uri))
+    labels, _ = _labels(ctx, experts, _branches(branches_uris), [expert_rewards_uri, *agent_rewards_uris])
+    train, held = held_out_split(labels, rm.held_out, cfg.seed)
+    res = train_reward_model(str(store.read_checkpoint(scorer_uri)), train, held, rm, rm.max_length, ctx.workdir, seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label)
+    expert_r = {(r["branch_id"], int(r["step"])): float(r["reward"]) for r in store.read_rows(expert_rewards_uri, "step_rewards")}
+    return Folder(ctx.workdir, {**res.summary(), **pair_agreement(res.held_out_pred, held, expert_r, cfg.pairs.tau_step)})
+
+
+@stage("agent-rm-rewards", path="iter-{iteration:02d}/agent_rm_rewards", kind="step_rewards", reads=(*AGENT_TARGETS, "training.reward_model.max_length", "sampling.history_turns", "mc.n_rollouts"))
+def agent_rm_rewards(ctx: Context, rm_uri: str, branches_uris: list[str], experts_uri: str, iteration: int) -> Rows:
+    """Step rewards of the agent branches agent MC would score, from the reward
+    model instead of rollouts (last steps keep their outcome, as with MC)."""
+    from ipr_core.training.reward_model import context_of, load_reward_model, predict
+
+    cfg = ctx.cfg
+    targets = _agent_targets(cfg, _branches(branches_uris), ipr_experts(cfg, read_trajectories(experts_uri)))[0]
+    scored = [t for t in targets if not ipr.is_last_step(t)]
+    model, tok = load_reward_model(store.read_checkpoint(rm_uri))
+    pred = dict(zip([(t.branch_id, t.step) for t in scored], predict(model, tok, [context_of(t, cfg.sampling.history_turns) for t in scored], cfg.training.reward_model.max_length)))
+    rows = []
+    for t in targets:
+        base = {"branch_id": t.branch_id, "task_id": t.traj.task.task_id, "step": t.step}
+        last = ipr.is_last_step(t)
+        rows.append({**base, "reward": float(t.traj.outcome_reward) if last else pred[(t.branch_id, t.step)], "n_rollouts": 0, "is_last": last})
+    # what agent MC would have run for the same targets (the memo aside)
+    return Rows(rows, {**ipr.reward_stats(rows), "targets": len(targets), "predicted": len(scored), "rollouts_avoided": cfg.mc.n_rollouts * len(scored)})
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_rewards, agent_rewards, explore, pairs, train, reward_model, agent_rm_rewards)}

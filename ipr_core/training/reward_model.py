@@ -158,6 +158,24 @@ def agreement(pred: Sequence[float], labels: Sequence[Labeled]) -> dict[str, flo
     return {"mae": sum(abs(p - x.reward) for p, x in zip(pred, labels)) / len(labels), "n": len(labels)}
 
 
+def pair_agreement(pred: Sequence[float], labels: Sequence[Labeled], expert_rewards: Mapping[tuple[str, int], float], tau_step: float) -> dict[str, float]:
+    """How often the model decides a step pair as MC does (Eq. 8-9's step-reward
+    condition, r(expert step) - r(agent step) > tau_s, at the same prefix), over
+    agent-branch labels (branch ids ``itKK|expert|jJ``, scored step J + 1) whose
+    expert step has an MC reward."""
+    same = n = 0
+    for p, x in zip(pred, labels):
+        parts = x.target_id.split("#")[0].split("|")
+        if len(parts) != 3:
+            continue  # an expert step: no pair direction
+        r_e = expert_rewards.get((parts[1], int(x.target_id.rsplit("#", 1)[1])))
+        if r_e is None:
+            continue
+        n += 1
+        same += (r_e - x.reward > tau_step) == (r_e - p > tau_step)
+    return {"pair_agreement": same / n if n else float("nan"), "pair_n": n}
+
+
 # --- training ------------------------------------------------------------------------------
 
 
@@ -166,6 +184,7 @@ class RewardModelResult:
     train: TrainResult
     train_error: Mapping[str, float]
     held_out_error: Mapping[str, float]
+    held_out_pred: tuple[float, ...]  # the model's reward for each held-out label, in order
 
     def summary(self) -> dict:
         return {**self.train.summary(), "train_mae": self.train_error["mae"], "held_out_mae": self.held_out_error["mae"], "held_out_labels": self.held_out_error["n"], "train_labels": self.train_error["n"]}
@@ -202,14 +221,15 @@ def train_reward_model(
     objective = _MSE(rt, net, tok.pad_token_id, rows, targets)
     loop = run_loop(rt, model, net, batches, objective.step, cfg, scheduler=getattr(cfg, "scheduler", "cosine"), name=name, progress=progress)
     model.eval()
-    errors = [agreement(predict(model, tok, [x.messages for x in split], max_length), split) for split in (train, held_out)]
+    preds = [predict(model, tok, [x.messages for x in split], max_length) for split in (train, held_out)]
     if rt.is_main:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
         save_tokenizer(tok, out)
     rt.accelerator.wait_for_everyone()
-    result = RewardModelResult(TrainResult.from_loop(loop, time.perf_counter() - t0), *errors)
+    errors = [agreement(p, split) for p, split in zip(preds, (train, held_out))]
+    result = RewardModelResult(TrainResult.from_loop(loop, time.perf_counter() - t0), *errors, tuple(preds[1]))
     log.info("%s done: %s", name, result.summary())
     return result
 

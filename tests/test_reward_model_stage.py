@@ -1,0 +1,81 @@
+"""mc.mode=reward_model on a real tiny BabyAI run: iteration 1's MC labels train
+the reward model, iteration 2's agent branches are scored by it with no scorer
+rollouts, and the stages are cached and resumed like the others."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import TINY_RUN
+from ipr_core import store
+from ipr_core.config import ConfigError, load_config
+from ipr_core.pipeline import check, run_local, run_plan, run_uri
+from ipr_core.pipeline import stages as stages_mod
+from ipr_core.pipeline.summary import result_rows
+
+RM = [*TINY_RUN, "env.train_tasks=3", "pipeline.iterations=2", "mc.mode=reward_model", "mc.reward_model_from=2", "mc.score_all_branches=true",
+      "training.reward_model.epochs=2", "training.reward_model.lr=0.001", "training.reward_model.held_out=0.34", "pipeline.eval_base=false"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_reward_model_scores_iteration_two_without_rollouts_and_resumes(tmp_path, monkeypatch):
+    pytest.importorskip("minigrid")
+    from ipr_core.training.reward_model import context_of, load_reward_model, predict
+
+    played: list[tuple[str, set]] = []  # (stage label, episode sources) of every episode batch that ran
+    real = stages_mod._episodes
+
+    def spy(ctx, model_uri, specs, temperature, on_episode=None):
+        played.append((ctx.label, {s.source for s in specs}))
+        return real(ctx, model_uri, specs, temperature, on_episode=on_episode)
+
+    monkeypatch.setattr(stages_mod, "_episodes", spy)
+    cfg = load_config(None, [*RM, f"storage.root={tmp_path}", "run_name=rm"])
+    run_local(cfg)
+    run = run_uri(cfg)
+
+    scorer_batches = [label for label, sources in played if "scorer" in sources]
+    assert any(label.startswith("iter-01/agent_mc") for label in scorer_batches)
+    assert not any(label.startswith("iter-02") for label in scorer_batches), scorer_batches  # no agent MC in iteration 2
+    assert not store.exists(store.join(run, "iter-02/agent_mc/shard-000"))
+
+    # the model's rewards are what pairs used, and the checkpoint reloads with transformers and scores the same
+    rows = store.read_rows(store.join(run, "iter-02/agent_rm_rewards"), "step_rewards")
+    assert rows and all(r["n_rollouts"] == 0 for r in rows)
+    rm_uri = store.join(run, "reward_model/model")
+    model, tok = load_reward_model(store.read_checkpoint(rm_uri))
+    targets = stages_mod._agent_targets(cfg, stages_mod._branches([store.join(run, f"iter-02/explore/shard-{s:03d}") for s in range(2)]), stages_mod.ipr_experts(cfg, stages_mod.read_trajectories(store.join(run, "experts/train"))))[0]
+    scored = [t for t in targets if not stages_mod.ipr.is_last_step(t)]
+    want = dict(zip([(t.branch_id, t.step) for t in scored], predict(model, tok, [context_of(t, cfg.sampling.history_turns) for t in scored], cfg.training.reward_model.max_length)))
+    got = {(r["branch_id"], r["step"]): r["reward"] for r in rows if not r["is_last"]}
+    assert got == pytest.approx(want) and len(got) == len(scored) > 0
+    pairs = store.read_manifest(store.join(run, "iter-02/pairs"))
+    assert store.join(run, "iter-02/agent_rm_rewards") in pairs.inputs
+
+    # quality and cost in the iteration rows
+    m = store.read_manifest(rm_uri)
+    assert m.meta["train_labels"] > 0 and m.meta["held_out_labels"] > 0 and 0 <= m.meta["held_out_mae"] <= 1
+    [it2] = [r for r in result_rows(run, run_plan(cfg, run)) if r["model"] == "iter-02"]
+    assert it2["rm_scored"] == len(scored) and it2["rm_rollouts_avoided"] == cfg.mc.n_rollouts * len(scored)
+    assert it2["rm_held_out_mae"] == m.meta["held_out_mae"] and it2["agent_mc_rollouts"] is None
+
+    # cached and resumed like the other stages: a rerun computes nothing; a lost model is retrained alone
+    played.clear()
+    run_local(cfg)
+    assert played == []
+    import shutil
+
+    shutil.rmtree(rm_uri, ignore_errors=True)
+    run_local(cfg)
+    assert [label for label, _ in played] == [], played  # retraining plays no episode
+    again = store.read_manifest(rm_uri)
+    assert again.digest == m.digest  # seeded: the same model
+    assert store.read_manifest(store.join(run, "iter-02/pairs")).created_at == pairs.created_at  # downstream kept
+
+
+def test_a_reward_model_no_iteration_uses_is_refused_up_front(tmp_path):
+    pytest.importorskip("minigrid")
+    with pytest.raises(ConfigError, match="mc.reward_model_from=3"):
+        check(load_config(None, [*RM, f"storage.root={tmp_path}", "mc.reward_model_from=3"]))
+    with pytest.raises(ConfigError, match="pairs.step_pairs"):
+        check(load_config(None, [*RM, f"storage.root={tmp_path}", "pairs.step_pairs=false"]))
