@@ -115,13 +115,15 @@ class MCConfig(_Section):
         "(the scorer is then conditioned on another thought than the one being scored).",
     )  # fmt: skip
     memo_flush: int = Field(32, ge=1, description="Write the memo every this many finished estimates (what a killed MC stage keeps).")
-    mode: Literal["rollouts", "reward_model"] = Field(
+    mode: Literal["rollouts", "reward_model", "hybrid"] = Field(
         "rollouts",
         description="How agent branches get step rewards. rollouts: Eq. 3-5's scorer rollouts (the paper's main method). reward_model: "
         "from iteration mc.reward_model_from on, a learned step reward model (paper Table 5; training.reward_model) trained on the MC "
-        "labels of the run so far (expert step rewards and the agent rewards of the earlier iterations) scores them, with no rollouts.",
+        "labels of the run so far (expert step rewards and the agent rewards of the earlier iterations) scores them, with no rollouts. "
+        "hybrid: the model scores them, and rollouts replace its reward where the pair decision is within mc.hybrid_band of flipping.",
     )  # fmt: skip
-    reward_model_from: int = Field(2, ge=1, description="mc.mode=reward_model: the first iteration scored by the model; iterations before it run rollouts and their labels train it (1: expert labels only).")
+    hybrid_band: float = Field(0.1, ge=0, description="mc.mode=hybrid: a target gets rollouts when, with the model's reward, Eq. 8-9's step margin is within this of tau_s.")
+    reward_model_from: int = Field(2, ge=1, description="mc.mode=reward_model or hybrid: the first iteration scored by the model; iterations before it run rollouts and their labels train it (1: expert labels only).")
 
 
 class PairsConfig(_Section):

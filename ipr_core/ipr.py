@@ -63,7 +63,7 @@ def can_make_step_pair(branch: Trajectory, expert_outcome: float, tau_outcome: f
     direction, so a branch whose outcome is within tau_o of its expert's (or any
     branch, with step pairs off) makes no pair: its MC rollouts would change nothing.
     """
-    return step_pairs and _winner(expert_outcome, branch.outcome_reward, tau_outcome) is not None
+    return step_pairs and winner(expert_outcome, branch.outcome_reward, tau_outcome) is not None
 
 
 def pairable_targets(targets: Sequence[MCTarget], expert_outcomes: Mapping[str, float], tau_outcome: float, step_pairs: bool = True) -> list[MCTarget]:
@@ -203,13 +203,25 @@ class PairRules:
     step_pairs: bool = True
 
 
-def _winner(expert_value: float, agent_value: float, tau: float) -> str | None:
+def winner(expert_value: float, agent_value: float, tau: float) -> str | None:
     """'expert' if it wins by more than tau, 'agent' if the agent does, else None."""
     if expert_value > agent_value + tau:
         return "expert"
     if agent_value > expert_value + tau:
         return "agent"
     return None
+
+
+def near_step_decision(r_expert: float, r_agent: float, expert_outcome: float, agent_outcome: float, tau_step: float, tau_outcome: float, band: float) -> bool:
+    """Whether an agent step reward of ``r_agent`` leaves Eq. 8-9's step condition
+    within ``band`` of flipping: the step margin, taken in the direction the
+    outcomes already decide, is within ``band`` of tau_s. A branch the outcomes
+    cannot pair is never near (no step reward changes it)."""
+    w_out = winner(expert_outcome, agent_outcome, tau_outcome)
+    if w_out is None:
+        return False
+    sign = 1.0 if w_out == "expert" else -1.0
+    return abs(sign * (r_expert - r_agent) - tau_step) < band
 
 
 def _pair(prompt, expert_side, agent_side, winner, **cols) -> dict | None:
@@ -251,7 +263,7 @@ def build_pairs(
         if j == 0:
             if not rules.outcome_pairs:
                 continue
-            w = _winner(e.outcome_reward, b.outcome_reward, rules.tau_outcome)
+            w = winner(e.outcome_reward, b.outcome_reward, rules.tau_outcome)
             if w is None:
                 continue
             prompt = trajectory_messages(e.system, e.instruction, [])
@@ -262,8 +274,8 @@ def build_pairs(
             r_e, r_a = sr.get((e.traj_id, j + 1)), sr.get((b.traj_id, j + 1))
             if r_e is None or r_a is None:
                 continue
-            w_step = _winner(r_e, r_a, rules.tau_step)
-            w_out = _winner(e.outcome_reward, b.outcome_reward, rules.tau_outcome)
+            w_step = winner(r_e, r_a, rules.tau_step)
+            w_out = winner(e.outcome_reward, b.outcome_reward, rules.tau_outcome)
             if w_step is None or w_step != w_out:
                 continue
             w = w_step

@@ -95,3 +95,16 @@ def _plain_transformers_scores(path, tok, labels) -> list[float]:
             ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -256:]
             out.append(float(model(input_ids=ids).logits[0, 0]))
     return out
+
+
+def test_near_step_decision_is_the_step_margin_near_tau_in_the_outcomes_direction():
+    from ipr_core.ipr import near_step_decision
+
+    # expert won on outcome by more than tau_o: the step pair needs r_e - r_a > tau_s = 0.1
+    assert near_step_decision(0.8, 0.65, 1.0, 0.0, 0.1, 0.1, band=0.1)  # margin 0.15: 0.05 from tau_s
+    assert not near_step_decision(0.8, 0.2, 1.0, 0.0, 0.1, 0.1, band=0.1)  # margin 0.6: clearly a pair
+    assert not near_step_decision(0.2, 0.8, 1.0, 0.0, 0.1, 0.1, band=0.1)  # clearly none
+    # the agent won on outcome: the direction flips
+    assert near_step_decision(0.6, 0.75, 0.0, 1.0, 0.1, 0.1, band=0.1) and not near_step_decision(0.75, 0.6, 0.0, 1.0, 0.1, 0.1, band=0.1)
+    # outcomes within tau_o: no step reward makes a pair
+    assert not near_step_decision(0.8, 0.7, 0.5, 0.55, 0.1, 0.1, band=1.0)

@@ -79,3 +79,40 @@ def test_a_reward_model_no_iteration_uses_is_refused_up_front(tmp_path):
         check(load_config(None, [*RM, f"storage.root={tmp_path}", "mc.reward_model_from=3"]))
     with pytest.raises(ConfigError, match="pairs.step_pairs"):
         check(load_config(None, [*RM, f"storage.root={tmp_path}", "pairs.step_pairs=false"]))
+
+
+@pytest.mark.slow
+def test_hybrid_rolls_out_only_the_targets_it_names_and_merges(tmp_path, monkeypatch):
+    pytest.importorskip("minigrid")
+    played: list[tuple[str, int]] = []
+    real = stages_mod._episodes
+
+    def spy(ctx, model_uri, specs, temperature, on_episode=None):
+        played.append((ctx.label, sum(s.source == "scorer" for s in specs)))
+        return real(ctx, model_uri, specs, temperature, on_episode=on_episode)
+
+    monkeypatch.setattr(stages_mod, "_episodes", spy)
+    # a wide band, and no memo: every named target is rolled out here, and only those
+    cfg = load_config(None, [*RM, f"storage.root={tmp_path}", "run_name=hy", "mc.mode=hybrid", "mc.hybrid_band=0.3", "mc.memo=false"])
+    run_local(cfg)
+    run = run_uri(cfg)
+    experts = stages_mod.ipr_experts(cfg, stages_mod.read_trajectories(store.join(run, "experts/train")))
+    rm_rewards, expert_rewards = store.join(run, "iter-02/agent_rm_rewards"), store.join(run, "scorer/expert_rewards")
+    rolled, named, decided = set(), set(), set()
+    for s in range(2):
+        branches = stages_mod.read_trajectories(store.join(run, f"iter-02/explore/shard-{s:03d}"), "branches")
+        near, far = stages_mod._near_decision(cfg, stages_mod._agent_targets(cfg, branches, experts)[0], rm_rewards, expert_rewards, experts)
+        named |= {(t.branch_id, t.step) for t in near}
+        decided |= {(t.branch_id, t.step) for t in far if not stages_mod.ipr.is_last_step(t)}
+        rolled |= {(r["branch_id"], int(r["step"])) for r in store.read_rows(store.join(run, f"iter-02/hybrid_mc/shard-{s:03d}"), "mc_rollouts")}
+    assert rolled == named and named and decided, (len(named), len(decided))
+    scorer_in_2 = sum(n for label, n in played if label.startswith("iter-02"))
+    assert scorer_in_2 == cfg.mc.n_rollouts * len(named)  # what executed: N rollouts per named target, nothing else
+    assert all(label.startswith("iter-02/hybrid_mc") for label, n in played if n and label.startswith("iter-02"))
+
+    merged = {(r["branch_id"], int(r["step"])): r for r in store.read_rows(store.join(run, "iter-02/hybrid_rewards"), "step_rewards")}
+    model = {(r["branch_id"], int(r["step"])): r for r in store.read_rows(rm_rewards, "step_rewards")}
+    assert all(merged[k]["n_rollouts"] == cfg.mc.n_rollouts for k in named)
+    assert all(merged[k] == model[k] for k in decided)
+    [it2] = [r for r in result_rows(run, run_plan(cfg, run)) if r["model"] == "iter-02"]
+    assert it2["rm_rollouts_avoided"] == cfg.mc.n_rollouts * len(decided) and it2["agent_mc_rollouts"] == cfg.mc.n_rollouts * len(named)

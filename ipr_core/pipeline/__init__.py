@@ -61,14 +61,14 @@ def check(cfg: IPRConfig) -> None:
 
 
 def _reward_model_used(cfg: IPRConfig) -> None:
-    """mc.mode=reward_model in a run where no iteration would use the model is a mistake, said up front."""
+    """mc.mode=reward_model or hybrid in a run where no iteration would use the model is a mistake, said up front."""
     from ipr_core.config import ConfigError
 
     mc = cfg.mc
-    if mc.mode != "reward_model":
+    if mc.mode == "rollouts":
         return
     if not cfg.pairs.step_pairs:
-        raise ConfigError("mc.mode=reward_model needs pairs.step_pairs=true: without step pairs no step reward is used")
+        raise ConfigError(f"mc.mode={mc.mode} needs pairs.step_pairs=true: without step pairs no step reward is used")
     if mc.reward_model_from > cfg.pipeline.iterations:
         raise ConfigError(f"mc.reward_model_from={mc.reward_model_from} is past the last iteration (pipeline.iterations={cfg.pipeline.iterations}): no iteration would use the reward model")
 

@@ -87,7 +87,7 @@ def prologue(cfg: IPRConfig, shards: int) -> list[Node]:
 
 def uses_reward_model(cfg: IPRConfig, k: int) -> bool:
     """Whether iteration k's agent branches are scored by the learned reward model."""
-    return cfg.mc.mode == "reward_model" and k >= cfg.mc.reward_model_from and cfg.pairs.step_pairs
+    return cfg.mc.mode in ("reward_model", "hybrid") and k >= cfg.mc.reward_model_from and cfg.pairs.step_pairs
 
 
 def reward_model_node(cfg: IPRConfig, shards: int, prologue_nodes: Sequence[Node]) -> Node:
@@ -108,7 +108,8 @@ def reward_model_node(cfg: IPRConfig, shards: int, prologue_nodes: Sequence[Node
 def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node], policy: Node) -> list[Node]:
     """Iteration k: explore -> agent MC -> agent step rewards -> pairs -> train -> evaluate
     (with mc.mode=reward_model, from mc.reward_model_from on: explore -> the reward
-    model's step rewards -> pairs ...; the model itself is trained in its first iteration)."""
+    model's step rewards -> pairs ...; the model itself is trained in its first iteration;
+    hybrid adds MC for the targets the model leaves near a pair decision, then merges)."""
     by = {n.stage: n for n in prologue_nodes}
     experts, sft = by["experts"], by["sft"]
     explore = [node("explore", policy_uri=policy, experts_uri=experts, iteration=k, shard=s) for s in range(shards)]
@@ -116,6 +117,12 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
         rm = reward_model_node(cfg, shards, prologue_nodes)
         rewards = node("agent-rm-rewards", rm_uri=rm, branches_uris=explore, experts_uri=experts, iteration=k)
         mc = [rm] if k == cfg.mc.reward_model_from else []
+        if cfg.mc.mode == "hybrid":  # rollouts where the model's reward leaves the pair decision near its threshold
+            mc.append(rewards)
+            er = by["expert-rewards"]
+            hybrid = [node("hybrid-mc", scorer_uri=sft, branches_uri=e, experts_uri=experts, expert_rewards_uri=er, rm_rewards_uri=rewards, iteration=k, shard=s) for s, e in enumerate(explore)]
+            mc += hybrid
+            rewards = node("hybrid-rewards", branches_uris=explore, experts_uri=experts, expert_rewards_uri=er, rm_rewards_uri=rewards, mc_uris=hybrid, iteration=k)
     else:
         mc = [node("agent-mc", scorer_uri=sft, branches_uri=e, experts_uri=experts, iteration=k, shard=s) for s, e in enumerate(explore)]
         rewards = node("agent-rewards", branches_uris=explore, experts_uri=experts, mc_uris=mc, iteration=k)

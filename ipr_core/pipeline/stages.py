@@ -281,9 +281,13 @@ def _agent_targets(cfg, branches: Sequence[Trajectory], experts: Sequence[Trajec
 def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
     """Stage 1 for the agent: N scorer rollouts after each branch's first own action
     (branches that cannot make a pair are skipped: ``mc.score_all_branches``)."""
+    experts = ipr_experts(ctx.cfg, read_trajectories(experts_uri))
+    return _agent_mc(ctx, scorer_uri, experts, *_agent_targets(ctx.cfg, read_trajectories(branches_uri, "branches"), experts))
+
+
+def _agent_mc(ctx: Context, scorer_uri: str, experts: Sequence[Trajectory], targets: Sequence[ipr.MCTarget], skipped: Sequence[ipr.MCTarget]) -> Rows:
+    """Agent MC on ``targets``; ``skipped``: those left without rollouts (counted)."""
     cfg = ctx.cfg
-    experts = ipr_experts(cfg, read_trajectories(experts_uri))
-    targets, skipped = _agent_targets(cfg, read_trajectories(branches_uri, "branches"), experts)
     scope = _scope(ctx, scorer_uri)
     out = _mc(ctx, scorer_uri, scope, targets)
     same = _same_as_expert(scope, targets, {e.traj_id: e for e in experts}, cfg.sampling.history_turns)
@@ -405,4 +409,46 @@ def agent_rm_rewards(ctx: Context, rm_uri: str, branches_uris: list[str], expert
     return Rows(rows, {**ipr.reward_stats(rows), "targets": len(targets), "predicted": len(scored), "rollouts_avoided": cfg.mc.n_rollouts * len(scored)})
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_rewards, agent_rewards, explore, pairs, train, reward_model, agent_rm_rewards)}
+HYBRID = ("pairs.tau_step", "mc.hybrid_band")  # what decides which targets hybrid MC rolls out
+
+
+def _near_decision(cfg, targets: Sequence[ipr.MCTarget], rm_uri: str, expert_rewards_uri: str, experts: Sequence[Trajectory]) -> tuple[list, list]:
+    """(targets whose pair decision, with the reward model's reward, is within
+    mc.hybrid_band of flipping: they get rollouts; the others)."""
+    rm = {(r["branch_id"], int(r["step"])): float(r["reward"]) for r in store.read_rows(rm_uri, "step_rewards")}
+    er = {(r["branch_id"], int(r["step"])): float(r["reward"]) for r in store.read_rows(expert_rewards_uri, "step_rewards")}
+    outcome = {e.traj_id: e.outcome_reward for e in experts}
+    near, far = [], []
+    for t in targets:
+        eid = t.branch_id.split("|")[1]
+        r_e, r_a = er.get((eid, t.step)), rm.get((t.branch_id, t.step))
+        is_near = not ipr.is_last_step(t) and None not in (r_e, r_a) and ipr.near_step_decision(r_e, r_a, outcome[eid], t.traj.outcome_reward, cfg.pairs.tau_step, cfg.pairs.tau_outcome, cfg.mc.hybrid_band)
+        (near if is_near else far).append(t)
+    return near, far
+
+
+@stage("hybrid-mc", path="iter-{iteration:02d}/hybrid_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS, *HYBRID), cost=MC_COST)
+def hybrid_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, expert_rewards_uri: str, rm_rewards_uri: str, iteration: int, shard: int) -> Rows:
+    """mc.mode=hybrid: agent MC only for the targets whose pair decision the reward
+    model leaves near its threshold; the model's reward stands for the others."""
+    experts = ipr_experts(ctx.cfg, read_trajectories(experts_uri))
+    targets, skipped = _agent_targets(ctx.cfg, read_trajectories(branches_uri, "branches"), experts)
+    near, far = _near_decision(ctx.cfg, targets, rm_rewards_uri, expert_rewards_uri, experts)
+    out = _agent_mc(ctx, scorer_uri, experts, near, skipped)
+    return Rows(out.rows, {**out.meta, "model_decided": sum(not ipr.is_last_step(t) for t in far)})
+
+
+@stage("hybrid-rewards", path="iter-{iteration:02d}/hybrid_rewards", kind="step_rewards", reads=(*AGENT_TARGETS, *HYBRID, "mc.n_rollouts"))
+def hybrid_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, expert_rewards_uri: str, rm_rewards_uri: str, mc_uris: list[str], iteration: int) -> Rows:
+    """MC's step reward where hybrid MC rolled out, the reward model's elsewhere."""
+    cfg = ctx.cfg
+    experts = ipr_experts(cfg, read_trajectories(experts_uri))
+    near, far = _near_decision(cfg, _agent_targets(cfg, _branches(branches_uris), experts)[0], rm_rewards_uri, expert_rewards_uri, experts)
+    from_mc = ipr.step_rewards(near, [r for u in mc_uris for r in store.read_rows(u, "mc_rollouts")])
+    keep = {(t.branch_id, t.step) for t in far}
+    rows = from_mc + [r for r in store.read_rows(rm_rewards_uri, "step_rewards") if (r["branch_id"], int(r["step"])) in keep]
+    decided = sum(not ipr.is_last_step(t) for t in far)
+    return Rows(rows, {**ipr.reward_stats(rows), "mc_targets": len(near), "model_decided": decided, "rollouts_avoided": cfg.mc.n_rollouts * decided})
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_rewards, agent_rewards, explore, pairs, train, reward_model, agent_rm_rewards, hybrid_mc, hybrid_rewards)}

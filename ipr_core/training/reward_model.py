@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ipr_core.conversation import render_context
-from ipr_core.ipr import MCTarget, is_last_step
+from ipr_core.ipr import MCTarget, is_last_step, winner
 from ipr_core.policies.checkpoint_io import load_tokenizer, save_tokenizer
 from ipr_core.training.common import Runtime, TrainResult, seed_everything, stage_name
 from ipr_core.training.loop import EpochBatches, LoopConfig, Step, run_loop
@@ -159,8 +159,9 @@ def agreement(pred: Sequence[float], labels: Sequence[Labeled]) -> dict[str, flo
 
 
 def pair_agreement(pred: Sequence[float], labels: Sequence[Labeled], expert_rewards: Mapping[tuple[str, int], float], tau_step: float) -> dict[str, float]:
-    """How often the model decides a step pair as MC does (Eq. 8-9's step-reward
-    condition, r(expert step) - r(agent step) > tau_s, at the same prefix), over
+    """How often the model decides Eq. 8-9's step-reward condition as MC does
+    (expert step better by more than tau_s, agent step better, or neither, at
+    the same prefix), over
     agent-branch labels (branch ids ``itKK|expert|jJ``, scored step J + 1) whose
     expert step has an MC reward."""
     same = n = 0
@@ -172,7 +173,7 @@ def pair_agreement(pred: Sequence[float], labels: Sequence[Labeled], expert_rewa
         if r_e is None:
             continue
         n += 1
-        same += (r_e - x.reward > tau_step) == (r_e - p > tau_step)
+        same += winner(r_e, x.reward, tau_step) == winner(r_e, p, tau_step)
     return {"pair_agreement": same / n if n else float("nan"), "pair_n": n}
 
 
