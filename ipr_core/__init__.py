@@ -21,6 +21,12 @@ __version__ = "0.1.0"
 if "torch" not in sys.modules:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+# Freed tensors go back to the OS instead of staying resident as glibc heap
+# (ipr_core/resources.py; the user's MALLOC_* environment wins).
+from ipr_core.resources import return_freed_memory  # noqa: E402
+
+return_freed_memory()
+
 
 @lru_cache(maxsize=1)
 def code_version() -> str:

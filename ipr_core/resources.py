@@ -12,6 +12,7 @@ draw their environment threads from one pool instead of each starting its own.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import sys
@@ -80,8 +81,9 @@ def cores() -> int:
 
 
 def thread_settings() -> dict[str, Any]:
-    """Torch's intra-op and inter-op threads, the cores allowed, and OpenMP's wait policy and spin count."""
+    """Torch's intra-op and inter-op threads, the cores allowed, OpenMP's wait policy and spin count, and glibc's mmap threshold."""
     out: dict[str, Any] = {"cores": cores(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "")}
+    out["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
     torch = sys.modules.get("torch")  # not imported for this: a stage that never used torch has no torch threads
     if torch is not None:
         out.update(torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads())
@@ -120,3 +122,32 @@ def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
         if key not in _POOLS:
             _POOLS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         return _POOLS[key]
+
+
+# glibc keeps freed memory for reuse instead of returning it: its mmap threshold
+# rises to the largest block freed (up to 32 MB), so a training step's
+# activation tensors, once freed, stay resident as heap that later stages
+# never shrink (the demo's IPR training stage: 2.1 GB peak resident with the
+# default, 1.76 GB with a fixed threshold, the same weights; docs/performance.md).
+MALLOC_THRESHOLD = 128 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def return_freed_memory() -> bool:
+    """Blocks over ``MALLOC_THRESHOLD`` are mapped and unmapped on their own and
+    the heap is trimmed past it, so freed tensors leave the resident set. Set
+    for this process (glibc's ``mallopt``) and, through glibc's environment
+    variables, for its children; a value the user gave in the environment
+    (either variable, or ``GLIBC_TUNABLES``) wins. False where not glibc."""
+    if any(k in os.environ for k in (*_MALLOC_ENV, "GLIBC_TUNABLES")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        for k in _MALLOC_ENV:
+            os.environ[k] = str(MALLOC_THRESHOLD)
+    return ok

@@ -76,3 +76,35 @@ def test_auto_torch_threads_share_the_cores_among_concurrent_stages(monkeypatch)
     assert res.stage_threads(3, max_workers=2, local=True) == 3
     assert res.stage_threads(None, max_workers=2, local=True) is None
     assert load_config(None, []).pipeline.torch_threads == "auto"
+
+
+_FRAGMENT = """
+import os, sys
+if sys.argv[1] == "ipr":
+    import ipr_core  # noqa: F401
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+b = bytearray(1 << 20); del b  # glibc's default: freeing a mapped 1 MB block raises its threshold to 1 MB
+blocks = [bytearray(1 << 20) for _ in range(300)]
+before = rss()
+del blocks[::2]  # every other block: holes in the heap that trimming the top cannot return
+print(os.environ.get("MALLOC_MMAP_THRESHOLD_", ""), (before - rss()) >> 20)
+"""
+
+
+def test_freed_memory_leaves_the_resident_set_and_the_users_malloc_settings_win():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+    def run(mode, **extra):
+        out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], env={**env, **extra}, capture_output=True, text=True, check=True).stdout.split()
+        return out[0] if len(out) == 2 else "", int(out[-1])
+
+    threshold, returned = run("ipr")
+    assert threshold == "131072" and returned >= 140, returned  # ~150 MB of freed blocks left the process
+    assert run("plain")[1] < 20  # without it, glibc keeps them resident
+    assert run("ipr", MALLOC_MMAP_THRESHOLD_="999999")[0] == "999999"  # the user's value is left alone
