@@ -220,7 +220,8 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     tag = top["model"] if top is not None else "sft"
     best = (tag, summary.evaluated_model(st.run, nodes, tag), on, note)
     expert_rewards = st.uri(next(n for n in nodes if n.stage == "expert-rewards"))
-    agent = {n.iteration: store.join(st.run, n.key) for n in nodes if n.stage in ("agent-rewards", "agent-rm-rewards", "hybrid-rewards")}
+    pairs = [n for n in nodes if n.stage == "pairs"]
+    agent = {n.iteration: store.join(st.run, dict(n.inputs)["agent_rewards_uri"]) for n in pairs}
     links = {"best model": best[1], "SFT model": store.join(st.run, "sft/model"), "expert step rewards": expert_rewards}
     md, md_uri = rep.write_report(
         store.join(st.run, "report"), cfg.run_name, rows, [r["reward"] for r in store.read_rows(expert_rewards, "step_rewards")],

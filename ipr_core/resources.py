@@ -18,8 +18,9 @@ import resource
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable, TypeVar
 
+_T = TypeVar("_T")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -108,20 +109,26 @@ def set_torch_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
+_PROCESS_WIDE: dict[tuple, Any] = {}
+_PROCESS_WIDE_LOCK = threading.Lock()
+
+
+def process_wide(key: tuple, make: Callable[[], _T]) -> _T:
+    """The process's one object for ``key``, made by ``make()`` on first use and
+    kept for the process's life: what stages that run at once in one process
+    must share (the prefix-cache budget, the environment threads), although
+    each builds its own policy and runner."""
+    with _PROCESS_WIDE_LOCK:
+        if key not in _PROCESS_WIDE:
+            _PROCESS_WIDE[key] = make()
+        return _PROCESS_WIDE[key]
 
 
 def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
-    """The process's pool ``name`` of ``workers`` threads, created on first use
-    and kept for the process's life. Process-wide on purpose: two stages that
-    run at once with ``env.workers=4`` step their environments on 4 threads,
-    not 8. Work items must not wait on other items of the same pool."""
-    with _POOLS_LOCK:
-        key = (name, workers)
-        if key not in _POOLS:
-            _POOLS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-        return _POOLS[key]
+    """The process's pool ``name`` of ``workers`` threads: two stages that run at
+    once with ``env.workers=4`` step their environments on 4 threads, not 8.
+    Work items must not wait on other items of the same pool."""
+    return process_wide(("pool", name, workers), lambda: ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name))
 
 
 # glibc keeps freed memory for reuse instead of returning it: its mmap threshold

@@ -101,7 +101,7 @@ def test_hybrid_rolls_out_only_the_targets_it_names_and_merges(tmp_path, monkeyp
     rolled, named, decided = set(), set(), set()
     for s in range(2):
         branches = stages_mod.read_trajectories(store.join(run, f"iter-02/explore/shard-{s:03d}"), "branches")
-        near, far = stages_mod._near_decision(cfg, stages_mod._agent_targets(cfg, branches, experts)[0], rm_rewards, expert_rewards, experts)
+        near, far = stages_mod._near_decision(cfg, stages_mod._agent_targets(cfg, branches, experts)[0], store.read_rows(rm_rewards, "step_rewards"), expert_rewards, experts)
         named |= {(t.branch_id, t.step) for t in near}
         decided |= {(t.branch_id, t.step) for t in far if not stages_mod.ipr.is_last_step(t)}
         rolled |= {(r["branch_id"], int(r["step"])) for r in store.read_rows(store.join(run, f"iter-02/hybrid_mc/shard-{s:03d}"), "mc_rollouts")}

@@ -133,6 +133,16 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
     return [*explore, *mc, rewards, pairs, model, *evaluations(model, tasks, f"iter-{k:02d}", k)]
 
 
+def agent_rewards_node(nodes: Sequence[Node]) -> Node | None:
+    """The agent step rewards an iteration's pairs are built from (MC's, the reward
+    model's or hybrid's), found through the pairs node's input."""
+    pairs = next((n for n in nodes if n.stage == "pairs"), None)
+    if pairs is None:
+        return None
+    key = dict(pairs.inputs)["agent_rewards_uri"]
+    return next(n for n in nodes if n.key == key)
+
+
 def trained(nodes: Sequence[Node]) -> Node:
     """The model an iteration's nodes train."""
     return next(n for n in nodes if n.stage == "train")

@@ -365,12 +365,9 @@ def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, exp
 RM_TRAIN = ("seed", "training.reward_model", "training.precision", "sampling.history_turns", "pairs.tau_step", *AGENT_TARGETS)
 
 
-def _labels(ctx: Context, experts: Sequence[Trajectory], branches: Sequence[Trajectory], reward_uris: Sequence[str]):
-    from ipr_core.training.reward_model import labeled_steps
-
-    targets = ipr.expert_targets(experts) + _agent_targets(ctx.cfg, branches, experts)[0]
-    rows = [r for u in reward_uris for r in store.read_rows(u, "step_rewards")]
-    return labeled_steps(targets, rows, ctx.cfg.sampling.history_turns), rows
+def _by_target(rows) -> dict[tuple[str, int], float]:
+    """"step_rewards" rows as (branch id, step) -> reward."""
+    return {(r["branch_id"], int(r["step"])): float(r["reward"]) for r in rows}
 
 
 @stage("reward-model", path="reward_model/model", kind="checkpoint", reads=RM_TRAIN, cost=TRAIN_COST)
@@ -378,15 +375,16 @@ def reward_model(ctx: Context, scorer_uri: str, experts_uri: str, expert_rewards
     """A scalar head on the scorer, trained by MSE on the run's MC step rewards so far
     (expert steps, and the agent branches of the iterations before mc.reward_model_from),
     with the labels of held-out tasks kept out for its error and pair agreement."""
-    from ipr_core.training.reward_model import held_out_split, pair_agreement, train_reward_model
+    from ipr_core.training.reward_model import held_out_split, labeled_steps, pair_agreement, train_reward_model
 
     cfg, rm = ctx.cfg, ctx.cfg.training.reward_model
     experts = ipr_experts(cfg, read_trajectories(experts_uri))
-    labels, _ = _labels(ctx, experts, _branches(branches_uris), [expert_rewards_uri, *agent_rewards_uris])
-    train, held = held_out_split(labels, rm.held_out, cfg.seed)
+    expert_rows = store.read_rows(expert_rewards_uri, "step_rewards")
+    rows = expert_rows + [r for u in agent_rewards_uris for r in store.read_rows(u, "step_rewards")]
+    targets = ipr.expert_targets(experts) + _agent_targets(cfg, _branches(branches_uris), experts)[0]
+    train, held = held_out_split(labeled_steps(targets, rows, cfg.sampling.history_turns), rm.held_out, cfg.seed)
     res = train_reward_model(str(store.read_checkpoint(scorer_uri)), train, held, rm, rm.max_length, ctx.workdir, seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label)
-    expert_r = {(r["branch_id"], int(r["step"])): float(r["reward"]) for r in store.read_rows(expert_rewards_uri, "step_rewards")}
-    return Folder(ctx.workdir, {**res.summary(), **pair_agreement(res.held_out_pred, held, expert_r, cfg.pairs.tau_step)})
+    return Folder(ctx.workdir, {**res.summary(), **pair_agreement(res.held_out_pred, held, _by_target(expert_rows), cfg.pairs.tau_step)})
 
 
 @stage("agent-rm-rewards", path="iter-{iteration:02d}/agent_rm_rewards", kind="step_rewards", reads=(*AGENT_TARGETS, "training.reward_model.max_length", "sampling.history_turns", "mc.n_rollouts"))
@@ -412,11 +410,10 @@ def agent_rm_rewards(ctx: Context, rm_uri: str, branches_uris: list[str], expert
 HYBRID = ("pairs.tau_step", "mc.hybrid_band")  # what decides which targets hybrid MC rolls out
 
 
-def _near_decision(cfg, targets: Sequence[ipr.MCTarget], rm_uri: str, expert_rewards_uri: str, experts: Sequence[Trajectory]) -> tuple[list, list]:
-    """(targets whose pair decision, with the reward model's reward, is within
-    mc.hybrid_band of flipping: they get rollouts; the others)."""
-    rm = {(r["branch_id"], int(r["step"])): float(r["reward"]) for r in store.read_rows(rm_uri, "step_rewards")}
-    er = {(r["branch_id"], int(r["step"])): float(r["reward"]) for r in store.read_rows(expert_rewards_uri, "step_rewards")}
+def _near_decision(cfg, targets: Sequence[ipr.MCTarget], rm_rows, expert_rewards_uri: str, experts: Sequence[Trajectory]) -> tuple[list, list]:
+    """(targets whose pair decision, with the reward model's reward (``rm_rows``),
+    is within mc.hybrid_band of flipping: they get rollouts; the others)."""
+    rm, er = _by_target(rm_rows), _by_target(store.read_rows(expert_rewards_uri, "step_rewards"))
     outcome = {e.traj_id: e.outcome_reward for e in experts}
     near, far = [], []
     for t in targets:
@@ -433,7 +430,7 @@ def hybrid_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str
     model leaves near its threshold; the model's reward stands for the others."""
     experts = ipr_experts(ctx.cfg, read_trajectories(experts_uri))
     targets, skipped = _agent_targets(ctx.cfg, read_trajectories(branches_uri, "branches"), experts)
-    near, far = _near_decision(ctx.cfg, targets, rm_rewards_uri, expert_rewards_uri, experts)
+    near, far = _near_decision(ctx.cfg, targets, store.read_rows(rm_rewards_uri, "step_rewards"), expert_rewards_uri, experts)
     out = _agent_mc(ctx, scorer_uri, experts, near, skipped)
     return Rows(out.rows, {**out.meta, "model_decided": sum(not ipr.is_last_step(t) for t in far)})
 
@@ -443,10 +440,11 @@ def hybrid_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, exp
     """MC's step reward where hybrid MC rolled out, the reward model's elsewhere."""
     cfg = ctx.cfg
     experts = ipr_experts(cfg, read_trajectories(experts_uri))
-    near, far = _near_decision(cfg, _agent_targets(cfg, _branches(branches_uris), experts)[0], rm_rewards_uri, expert_rewards_uri, experts)
+    rm_rows = store.read_rows(rm_rewards_uri, "step_rewards")
+    near, far = _near_decision(cfg, _agent_targets(cfg, _branches(branches_uris), experts)[0], rm_rows, expert_rewards_uri, experts)
     from_mc = ipr.step_rewards(near, [r for u in mc_uris for r in store.read_rows(u, "mc_rollouts")])
     keep = {(t.branch_id, t.step) for t in far}
-    rows = from_mc + [r for r in store.read_rows(rm_rewards_uri, "step_rewards") if (r["branch_id"], int(r["step"])) in keep]
+    rows = from_mc + [r for r in rm_rows if (r["branch_id"], int(r["step"])) in keep]
     decided = sum(not ipr.is_last_step(t) for t in far)
     return Rows(rows, {**ipr.reward_stats(rows), "mc_targets": len(near), "model_decided": decided, "rollouts_avoided": cfg.mc.n_rollouts * decided})
 

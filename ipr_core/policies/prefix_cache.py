@@ -42,6 +42,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ipr_core.resources import process_wide
+
 BLOCK = 16  # tokens per hash block; matches shorter than one block are not worth a lookup
 
 
@@ -101,18 +103,10 @@ class KVBudget:
             oldest._evict_oldest()
 
 
-_PROCESS_BUDGETS: dict[int, KVBudget] = {}
-_PROCESS_LOCK = threading.Lock()
-
-
 def process_budget(limit_bytes: int) -> KVBudget:
     """The process's budget of ``limit_bytes`` (one per distinct limit, created
-    on first use): what ``sampling.prefix_cache_mb`` bounds. Process-wide on
-    purpose: stages that run at once build their policies separately."""
-    with _PROCESS_LOCK:
-        if limit_bytes not in _PROCESS_BUDGETS:
-            _PROCESS_BUDGETS[limit_bytes] = KVBudget(limit_bytes)
-        return _PROCESS_BUDGETS[limit_bytes]
+    on first use): what ``sampling.prefix_cache_mb`` bounds."""
+    return process_wide(("kv-budget", limit_bytes), lambda: KVBudget(limit_bytes))
 
 
 class PrefixCache:

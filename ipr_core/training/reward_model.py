@@ -33,11 +33,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ipr_core.config import RewardModelConfig
 from ipr_core.conversation import render_context
 from ipr_core.ipr import MCTarget, is_last_step, winner
 from ipr_core.policies.checkpoint_io import load_tokenizer, save_tokenizer
 from ipr_core.training.common import Runtime, TrainResult, seed_everything, stage_name
-from ipr_core.training.loop import EpochBatches, LoopConfig, Step, run_loop
+from ipr_core.training.loop import EpochBatches, Step, run_loop
 from ipr_core.types import Message
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def train_reward_model(
     scorer_path: str | Path,
     train: Sequence[Labeled],
     held_out: Sequence[Labeled],
-    cfg: LoopConfig,
+    cfg: RewardModelConfig,
     max_length: int,
     out_dir: str | Path,
     *,
@@ -220,7 +221,7 @@ def train_reward_model(
     name = stage_name("reward model", progress)
     log.info("%s: %d labels (%d held out), %d steps of %d on %s", name, len(train), len(held_out), batches.steps, batches.global_batch, rt.device)
     objective = _MSE(rt, net, tok.pad_token_id, rows, targets)
-    loop = run_loop(rt, model, net, batches, objective.step, cfg, scheduler=getattr(cfg, "scheduler", "cosine"), name=name, progress=progress)
+    loop = run_loop(rt, model, net, batches, objective.step, cfg, scheduler=cfg.scheduler, name=name, progress=progress)
     model.eval()
     preds = [predict(model, tok, [x.messages for x in split], max_length) for split in (train, held_out)]
     if rt.is_main:
