@@ -1,4 +1,5 @@
-"""IPR trainer vs TRL's DPOTrainer: tokens/s and peak memory on the same pairs.
+"""IPR trainer vs TRL's DPOTrainer: tokens/s and peak memory on the same pairs;
+and the IPR trainer with training.activation_checkpointing against without it.
 
     .venv/bin/python bench/training.py [--pairs 256] [--batch-size 8] [--epochs 2] [--repeats 2]
 
@@ -126,7 +127,8 @@ def run_ipr(args, model: Path, pairs: list, out: Path) -> dict:
     cfg = IPRTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup_ratio=0.1, w_sft=0.0, max_length=1024)
     mem0 = _mem_start()
     t0 = time.perf_counter()
-    r = train_ipr(model, model, pairs, [], cfg, None, out, seed=0, precision=args.precision)
+    ckpt = args.worker == "ipr-ckpt"  # each decoder layer recomputed in the backward pass
+    r = train_ipr(model, model, pairs, [], cfg, None, out, seed=0, precision=args.precision, activation_checkpointing=ckpt)
     return {"end_to_end_s": time.perf_counter() - t0, "train_s": r.train_s, "tokens": r.tokens, "steps": r.steps, "peak_mem": _mem_peak(mem0), "mean_loss": sum(r.losses) / len(r.losses)}
 
 
@@ -179,7 +181,7 @@ def worker(args) -> int:
 
     AutoModelForCausalLM.from_pretrained(args.model)  # imports the model class; discarded
     with tempfile.TemporaryDirectory() as tmp:
-        fn = run_ipr if args.worker == "ipr" else run_trl
+        fn = run_trl if args.worker == "trl" else run_ipr
         res = fn(args, Path(args.model), pairs, Path(tmp) / "out")
     print("RESULT " + json.dumps(res))
     return 0
@@ -200,7 +202,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (this machine: 2 shared cores)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    ap.add_argument("--worker", choices=["ipr", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ipr", "ipr-ckpt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--pairs-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -216,9 +218,9 @@ def main() -> int:
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
         print(f"env={env_name}  model {n_params / 1e6:.2f} M params  {n_pairs} single-turn pairs  batch {args.batch_size}  epochs {args.epochs}  {device}")
-        runs: dict[str, list[dict]] = {"trl": [], "ipr": []}
+        runs: dict[str, list[dict]] = {"trl": [], "ipr": [], "ipr-ckpt": []}
         for _ in range(args.repeats):
-            for which in ("trl", "ipr"):
+            for which in runs:
                 cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--pairs-file", str(pairs_file)]
                 cmd += ["--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", str(args.lr), "--threads", str(args.threads), "--precision", args.precision]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -230,13 +232,15 @@ def main() -> int:
     mem_kind = "CUDA max allocated" if torch.cuda.is_available() else "peak RSS rise"
     print(f"\n{'trainer':<22}{'tokens/s':>10}{'train s':>9}{'end-to-end s':>14}{'steps':>7}{'tokens':>9}{mem_kind + ' MiB':>24}{'mean loss':>11}")
     best = {}
-    for which, label in (("trl", "TRL DPOTrainer"), ("ipr", "IPR trainer (ours)")):
+    for which, label in (("trl", "TRL DPOTrainer"), ("ipr", "IPR trainer (ours)"), ("ipr-ckpt", "ours + layer ckpt")):
         b = max(runs[which], key=lambda r: r["tokens"] / r["train_s"])
         best[which] = b
         print(f"{label:<22}{b['tokens'] / b['train_s']:>10.0f}{b['train_s']:>9.2f}{b['end_to_end_s']:>14.2f}{b['steps']:>7}{b['tokens']:>9}{b['peak_mem'] / 2**20:>24.1f}{b['mean_loss']:>11.4f}")
     tps = {k: v["tokens"] / v["train_s"] for k, v in best.items()}
     print(f"\ntokens/s ratio (ours / TRL): {tps['ipr'] / tps['trl']:.2f}x   end-to-end time ratio (TRL / ours): {best['trl']['end_to_end_s'] / best['ipr']['end_to_end_s']:.2f}x   "
           f"peak memory ratio (ours / TRL): {best['ipr']['peak_mem'] / max(best['trl']['peak_mem'], 1):.2f}")
+    print(f"layer checkpointing (ours): tokens/s {tps['ipr-ckpt'] / tps['ipr']:.2f}x, peak memory {best['ipr-ckpt']['peak_mem'] / max(best['ipr']['peak_mem'], 1):.2f}x, "
+          f"same mean loss: {best['ipr-ckpt']['mean_loss'] == best['ipr']['mean_loss']}")
     print("all runs (tokens/s): " + "  ".join(f"{k}: " + ", ".join(f"{r['tokens'] / r['train_s']:.0f}" for r in v) for k, v in runs.items()))
     return 0
 

@@ -201,6 +201,11 @@ class TrainingConfig(_Section):
         description="Padded tokens one training forward pass holds activations for: a micro-batch above it runs in length-sorted chunks under activation "
         "checkpointing (same gradients up to float rounding, one extra forward per chunk); 0 = one pass per micro-batch. Memory only: changing it reuses finished models.",
     )  # fmt: skip
+    activation_checkpointing: bool = Field(
+        True,
+        description="Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers' activation checkpointing): "
+        "the same gradients bit for bit, one extra forward per layer, a fraction of the training memory. Memory only: changing it reuses finished models.",
+    )  # fmt: skip
 
 
 class PipelineConfig(_Section):

@@ -405,3 +405,38 @@ def test_trainer_with_a_forward_budget_trains_the_same_model(models, pairs, expe
     assert [round(h["total"], 4) for h in one.history] == [round(h["total"], 4) for h in chunked.history]
     w0, w1 = _weights(tmp_path / "one"), _weights(tmp_path / "chunked")
     assert all(torch.allclose(w0[k], w1[k], atol=1e-5) for k in w0)
+
+
+def test_layer_checkpointing_gives_the_same_gradients_bit_for_bit(models, pairs):
+    """training.activation_checkpointing recomputes each decoder layer in the
+    backward pass with the same kernels on the same inputs: values and
+    gradients equal exactly (which is why it is a memory-only setting), with
+    and without the chunked forward around it."""
+    from ipr_core.training.common import checkpoint_layers, forward_segments
+
+    policy, _ = models
+    tok = load_tokenizer(policy)
+    segs = [s for p in encode_pairs(tok, pairs, HISTORY, 512) for s in p.chosen + p.rejected]
+    for budget in (0, 2 * max(len(s) for s in segs)):
+        results = []
+        for on in (False, True):
+            rt = Runtime.create("fp32", budget, on)
+            model = load_model(policy, rt.device)
+            assert not on or checkpoint_layers(model)
+            model.train()
+            vals = forward_segments(TargetScorer(model), segs, tok.pad_token_id, rt)
+            (vals * torch.linspace(-1, 1, len(segs))).sum().backward()
+            results.append((vals.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        (v0, g0), (v1, g1) = results
+        assert torch.equal(v0, v1) and g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+        assert any(float(g0[k].abs().max()) > 0.1 for k in g0)
+
+
+def test_trainer_with_layer_checkpointing_saves_the_same_weights(models, pairs, experts, tmp_path):
+    policy, _ = models
+    cfg = CFG.model_copy(update={"epochs": 2, "batch_size": 4})
+    runs = {on: train_ipr(policy, policy, pairs, experts, cfg, HISTORY, tmp_path / str(on), seed=0, precision="fp32", activation_checkpointing=on) for on in (False, True)}
+    assert runs[False].history == runs[True].history
+    w0, w1 = _weights(tmp_path / "False"), _weights(tmp_path / "True")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert any(not torch.equal(w0[k], _weights(Path(policy))[k]) for k in w0)  # it trained

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ipr_core import ipr, mc_memo, store
 from ipr_core.envs.base import make_env
@@ -37,7 +37,7 @@ EPISODE_COST = (
     "model.openai.timeout_s", "model.openai.max_concurrency", "model.openai.max_retries", "model.openai.backoff_s",
 )  # fmt: skip
 TRAIN_SET = ("seed", "env.train_tasks")  # which expert trajectories IPR explores along
-TRAIN_COST = ("training.max_forward_tokens",)  # memory only
+TRAIN_COST = ("training.max_forward_tokens", "training.activation_checkpointing")  # memory only
 
 
 # --- helpers over the config view ------------------------------------------------------
@@ -56,6 +56,11 @@ def _policy(cfg, model_uri: str):
 
 def _sampling(cfg, temperature: float) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
+
+
+def _train_memory(cfg: Any) -> dict[str, Any]:
+    """The training calls' memory settings (TRAIN_COST: they never change a result)."""
+    return {"max_forward_tokens": cfg.training.max_forward_tokens, "activation_checkpointing": cfg.training.activation_checkpointing}
 
 
 def _episodes(ctx: Context, model_uri: str, specs, temperature: float, on_episode=None) -> tuple[list[Trajectory], dict[str, int]]:
@@ -173,7 +178,7 @@ def sft(ctx: Context, base_uri: str, experts_uri: str) -> Folder:
     base = str(store.read_checkpoint(base_uri))
     result = train_sft(
         base, experts, cfg.training.sft, cfg.sampling.history_turns, ctx.workdir,
-        seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label, max_forward_tokens=cfg.training.max_forward_tokens,
+        seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label, **_train_memory(cfg),
     )  # fmt: skip
     return Folder(ctx.workdir, result.summary())
 
@@ -355,7 +360,7 @@ def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, exp
     experts = successful(read_trajectories(experts_uri))
     result = train_ipr(
         policy, reference, store.read_rows(pairs_uri, "pairs"), experts, cfg.training.ipr, cfg.sampling.history_turns, ctx.workdir,
-        seed=cfg.seed + iteration, precision=cfg.training.precision, progress=ctx.label, max_forward_tokens=cfg.training.max_forward_tokens,
+        seed=cfg.seed + iteration, precision=cfg.training.precision, progress=ctx.label, **_train_memory(cfg),
     )  # fmt: skip
     return Folder(ctx.workdir, result.summary())
 
@@ -383,7 +388,7 @@ def reward_model(ctx: Context, scorer_uri: str, experts_uri: str, expert_rewards
     rows = expert_rows + [r for u in agent_rewards_uris for r in store.read_rows(u, "step_rewards")]
     targets = ipr.expert_targets(experts) + _agent_targets(cfg, _branches(branches_uris), experts)[0]
     train, held = held_out_split(labeled_steps(targets, rows, cfg.sampling.history_turns), rm.held_out, cfg.seed)
-    res = train_reward_model(str(store.read_checkpoint(scorer_uri)), train, held, rm, rm.max_length, ctx.workdir, seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label)
+    res = train_reward_model(str(store.read_checkpoint(scorer_uri)), train, held, rm, rm.max_length, ctx.workdir, seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label, activation_checkpointing=cfg.training.activation_checkpointing)
     return Folder(ctx.workdir, {**res.summary(), **pair_agreement(res.held_out_pred, held, _by_target(expert_rows), cfg.pairs.tau_step)})
 
 

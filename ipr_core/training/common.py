@@ -110,9 +110,11 @@ class Runtime:
     dtype: torch.dtype | None  # autocast dtype; None = fp32
     # Padded tokens one forward pass may hold activations for (training.max_forward_tokens); 0 = no limit.
     max_forward_tokens: int = 0
+    # Recompute each decoder layer's activations in the backward pass (training.activation_checkpointing).
+    checkpoint_layers: bool = False
 
     @classmethod
-    def create(cls, precision: str, max_forward_tokens: int = 0) -> "Runtime":
+    def create(cls, precision: str, max_forward_tokens: int = 0, checkpoint_layers: bool = False) -> "Runtime":
         from accelerate import Accelerator
 
         if precision not in PRECISIONS:
@@ -125,7 +127,7 @@ class Runtime:
         if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             raise ValueError("precision='bf16' but this GPU does not support bfloat16; use 'fp32'")
         bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
-        return cls(acc, torch.bfloat16 if bf16 else None, max_forward_tokens)
+        return cls(acc, torch.bfloat16 if bf16 else None, max_forward_tokens, checkpoint_layers)
 
     @property
     def device(self) -> torch.device:
@@ -192,6 +194,26 @@ def load_model(path: str | Path, device: torch.device):
             m.attention_dropout = 0.0
     model.config.use_cache = False
     return model.to(device)
+
+
+def checkpoint_layers(model: nn.Module) -> bool:
+    """Turn on transformers' activation checkpointing of every decoder layer:
+    the forward keeps only each layer's input, and the backward recomputes the
+    layer from it. The recomputation runs the same kernels on the same inputs,
+    so the gradients are the same bit for bit (tests check it); the cost is
+    one more forward per layer. The saving is what a layer holds for its
+    backward: the attention probabilities ([B, heads, T, T] per layer) and
+    the MLP's intermediate activations, most of a training step's memory. A
+    model that cannot (``supports_gradient_checkpointing`` false) trains as
+    before, with a warning; returns whether it is on."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(core, "supports_gradient_checkpointing", False):
+        log.warning("%s does not support activation checkpointing: training keeps every layer's activations", type(core).__name__)
+        return False
+    # Newer transformers name it activation_checkpointing_enable; the old name warns there.
+    enable = getattr(core, "activation_checkpointing_enable", None) or core.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    return True
 
 
 def add_lora(model, r: int):

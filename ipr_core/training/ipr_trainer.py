@@ -139,6 +139,7 @@ def train_ipr(
     precision: str = "auto",
     progress: str | None = None,
     max_forward_tokens: int = 0,
+    activation_checkpointing: bool = False,
 ) -> TrainResult:
     """Train iteration k's policy from iteration k-1's (``policy_path``) on
     ``pairs`` ("pairs" rows) and, with sft_target="expert", the ``experts``;
@@ -150,7 +151,7 @@ def train_ipr(
     (steps = planned_steps = 0)."""
     t_call = time.perf_counter()
     name = stage_name("IPR", progress)
-    rt = Runtime.create(precision, max_forward_tokens)
+    rt = Runtime.create(precision, max_forward_tokens, activation_checkpointing)
     rng = seed_everything(seed)
     tok = load_tokenizer(policy_path)
     enc, expert_groups = _encode_data(tok, pairs, experts, cfg, history)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ipr_core.progress import bar
-from ipr_core.training.common import Runtime, TrainingError
+from ipr_core.training.common import Runtime, TrainingError, checkpoint_layers
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,8 @@ def run_loop(
     the log lines."""
     steps = batches.steps
     opt, sched = make_optimizer(model, cfg.lr, steps, cfg.warmup_ratio, scheduler, rt.device)
+    if rt.checkpoint_layers:
+        checkpoint_layers(model)
     scorer.train()
     budget, pbar, hist, tokens, cut = Budget(cfg.max_time_s), bar(steps, progress, "step", disable=not rt.is_main), [], 0, False
     for i, indices in enumerate(batches):

@@ -203,6 +203,7 @@ def train_reward_model(
     seed: int = 0,
     precision: str = "auto",
     progress: str | None = None,
+    activation_checkpointing: bool = False,
 ) -> RewardModelResult:
     """Fit the head and backbone to ``train`` by MSE (the paper's loss); save
     model and tokenizer (safetensors) to ``out_dir``; report the mean absolute
@@ -210,7 +211,7 @@ def train_reward_model(
     t0 = time.perf_counter()
     if not train:
         raise ValueError("the reward model needs at least one MC step-reward label to train on")
-    rt = Runtime.create(precision)
+    rt = Runtime.create(precision, checkpoint_layers=activation_checkpointing)
     rng = seed_everything(seed)
     model, tok = init_reward_model(scorer_path, seed)
     model = model.to(rt.device)

@@ -73,6 +73,7 @@ def train_sft(
     precision: str = "auto",
     progress: str | None = None,
     max_forward_tokens: int = 0,
+    activation_checkpointing: bool = False,
 ) -> TrainResult:
     """Fine-tune ``model_path`` on the expert ``trajectories``; save model and
     tokenizer (safetensors) to ``out_dir``. Sized by ``cfg.epochs`` /
@@ -81,7 +82,7 @@ def train_sft(
     t_call = time.perf_counter()
     if not trajectories:
         raise ValueError("SFT needs at least one expert trajectory")
-    rt = Runtime.create(precision, max_forward_tokens)
+    rt = Runtime.create(precision, max_forward_tokens, activation_checkpointing)
     rng = seed_everything(seed)
     tok = load_tokenizer(model_path)
     segs = [s for g in demonstration_segments(tok, trajectories, history, cfg.max_length) for s in g]
