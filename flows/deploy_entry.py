@@ -11,7 +11,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.ipr_pipeline import ipr_pipeline, task_runner
+from flows.clusters import task_runner
+from flows.ipr_pipeline import ipr_pipeline
 from ipr_core.config import ConfigError, load_config
 
 

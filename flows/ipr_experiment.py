@@ -21,7 +21,8 @@ from ipr_core.audit import run_audit
 from ipr_core.lease import Lease
 from ipr_core.experiment import audited, expand, experiment_from_json, experiment_uri, results, save_experiment
 from ipr_core.pipeline import check, client_options
-from flows.ipr_pipeline import artifact_key, ipr_pipeline, task_runner
+from flows.clusters import task_runner
+from flows.ipr_pipeline import artifact_key, ipr_pipeline
 
 
 def _run_name() -> str:

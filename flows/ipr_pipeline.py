@@ -18,6 +18,7 @@ import time
 from typing import Any, Sequence
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -31,6 +32,7 @@ from ipr_core.lease import Lease
 from ipr_core.pipeline import check, client_options, dag, run_uri, save_config
 from ipr_core.pipeline import summary
 from ipr_core.pipeline.summary import model_row, result_rows
+from flows.clusters import Placement, task_runner
 from tasks.common import configure, result_storage
 from tasks.stages import TASKS
 
@@ -51,12 +53,16 @@ class Stages:
         self.storage = result_storage(cfg)
         self.futures: dict[str, Any] = dict(uris or {})  # node key -> future or URI
         self.t0 = time.time()
+        # what each stage asks a Ray or Dask cluster for, checked against it before the first submission
+        ctx = FlowRunContext.get()
+        self.placement = Placement.of(cfg, ctx.task_runner if ctx else None)
 
     def submit(self, node: dag.Node) -> PrefectFuture:
         call = node.call(self.run, self.futures)
         # a missing or damaged artifact behind a cache record is never trusted
         t = configure(TASKS[node.stage], self.cfg, self.storage).with_options(refresh_cache=not store.intact(call.out))
-        fut = t.submit(cfg=self.cfg_json, out=call.out, inputs=call.inputs, params=call.params)
+        with self.placement.place(call.stage.needs):
+            fut = t.submit(cfg=self.cfg_json, out=call.out, inputs=call.inputs, params=call.params)
         self.futures[node.key] = fut
         return fut
 
@@ -238,30 +244,6 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     # The run's final state message, what the UI shows beside "Completed": the winner and every flag.
     flags = [f"{r['model']}: {r['note']}" for r in rows if r.get("note")]
     return Completed(message="; ".join([f"best: {best_text(best)}", *flags]), data=out)
-
-
-def task_runner(cfg: IPRConfig):
-    """The task runner from config: threads (default), Dask or Ray."""
-    if cfg.pipeline.task_runner == "threads":
-        # Not Prefect's plain ThreadPoolTaskRunner: its idle worker threads keep
-        # torch's OpenMP teams alive, which slows every stage (flows/task_runners.py;
-        # measured by bench/orchestration.py, figures in docs/performance.md).
-        from flows.task_runners import StageTaskRunner
-
-        return StageTaskRunner(max_workers=cfg.pipeline.max_workers)
-    if cfg.pipeline.task_runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as e:
-            raise ImportError("pipeline.task_runner=dask needs prefect-dask: pip install 'ipr-flow[dask]'") from e
-        if cfg.pipeline.dask_address:
-            return DaskTaskRunner(address=cfg.pipeline.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.pipeline.max_workers, "threads_per_worker": 1, "processes": True})
-    try:
-        from prefect_ray import RayTaskRunner
-    except ImportError as e:
-        raise ImportError("pipeline.task_runner=ray needs prefect-ray: pip install 'ipr-flow[ray]'") from e
-    return RayTaskRunner()
 
 
 def run_pipeline(cfg: IPRConfig, take_over: bool = False) -> dict:

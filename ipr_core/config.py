@@ -201,10 +201,45 @@ class TrainingConfig(_Section):
         description="Padded tokens one training forward pass holds activations for: a micro-batch above it runs in length-sorted chunks under activation "
         "checkpointing (same gradients up to float rounding, one extra forward per chunk); 0 = one pass per micro-batch. Memory only: changing it reuses finished models.",
     )  # fmt: skip
+    processes: int = Field(
+        1,
+        ge=1,
+        description="Processes one SFT or IPR training stage runs on (torchrun on the node the stage runs on; DDP): one per GPU on a multi-GPU node, "
+        "gloo on CPU. batch_size is per process, so a step sees batch_size x grad_accum x processes examples. The reward model trains on one.",
+    )  # fmt: skip
     activation_checkpointing: bool = Field(
         True,
         description="Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers' activation checkpointing): "
         "the same gradients bit for bit, one extra forward per layer, a fraction of the training memory. Memory only: changing it reuses finished models.",
+    )  # fmt: skip
+
+
+class ResourceRequest(_Section):
+    cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description="CPUs the stage asks the cluster for ('auto': see the stage group).")
+    gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field("auto", description="GPUs the stage asks the cluster for ('auto': see the stage group).")
+
+
+class StageResources(_Section):
+    """What each group of stages asks a Ray or Dask cluster for (the threads runner ignores it).
+    'auto' resolves against the cluster the run connects to (docs/scaling.md)."""
+
+    generation: ResourceRequest = Field(
+        default_factory=ResourceRequest,
+        description="Stages that generate with a model (expert and agent MC, exploration, evaluation, reward-model scoring). "
+        "auto: 1 CPU; 1 GPU when model.device is cuda, or auto and the cluster has GPUs.",
+    )  # fmt: skip
+    environment: ResourceRequest = Field(
+        default_factory=ResourceRequest,
+        description="Stages that only step environments (expert trajectories). auto: env.workers CPUs (at most the largest node's), no GPU.",
+    )  # fmt: skip
+    training: ResourceRequest = Field(
+        default_factory=ResourceRequest,
+        description="SFT, IPR training, the reward model. auto: training.processes GPUs (on one node) when model.device is cuda, or auto and "
+        "the cluster has GPUs, and 1 CPU; on a cluster without GPUs the CPUs of the largest node.",
+    )  # fmt: skip
+    light: ResourceRequest = Field(
+        default_factory=ResourceRequest,
+        description="Bookkeeping stages (task lists, the tiny base model, reward tables, pairs). auto: 1 CPU, no GPU.",
     )  # fmt: skip
 
 
@@ -217,11 +252,18 @@ class PipelineConfig(_Section):
         "auto",
         description="Torch intra-op threads of each stage (set where the stage runs; every stage's manifest records what it ran with). "
         "'auto': the cores in the CPU affinity mask divided among the stages that can run at once on this machine (pipeline.max_workers; "
-        "a stage on an external Dask scheduler's worker takes that worker's cores). None: torch's own default. On a shared host, the cores "
+        "on an external Ray cluster, the CPUs the stage asked for (Ray's OMP_NUM_THREADS); on an external Dask worker, that worker's cores). None: torch's own default. On a shared host, the cores "
         "this run may use: a team wider than its share of the cores spins against other processes' threads (bench/contention.py). "
         "A speed setting: another thread count may round floats differently.",
     )  # fmt: skip
-    dask_address: str | None = Field(None, description="Existing Dask scheduler address; None starts a LocalCluster.")
+    dask_address: str | None = Field(None, description="Existing Dask scheduler address (tcp://host:8786); None starts a LocalCluster of max_workers processes.")
+    ray_address: str | None = Field(None, description="Existing Ray cluster (host:6379 or ray://host:10001); None starts a local Ray instance on this machine.")
+    resources: StageResources = Field(default_factory=StageResources, description="Per-stage resource requests on a Ray or Dask cluster.")
+    worker_env: list[str] = Field(
+        default_factory=list,
+        description="Names (or fnmatch patterns, e.g. AWS_*) of this process's environment variables that Ray workers get (runtime_env); "
+        "the Prefect API URL and key always go. Dask workers keep the environment they were started with.",
+    )  # fmt: skip
     retries: int = Field(2, ge=0, description="Retries for transient errors (I/O, model server, env crash).")
     retry_delay_s: float = Field(2.0, ge=0, description="Initial retry delay, doubled per retry.")
     eval_base: bool = Field(True, description="Evaluate the untrained base model too (for the per-iteration table).")
@@ -240,6 +282,10 @@ class StorageConfig(_Section):
     read_timeout_s: float = Field(60.0, gt=0, description="Object stores: seconds to wait for a response per attempt (a stalled endpoint fails after max_attempts of these).")
     max_attempts: int = Field(3, ge=1, description="Object stores: attempts per call (botocore's standard retry mode: timeouts, throttling, 5xx).")
     check_timeout_s: float = Field(15.0, gt=0, description="Object stores: how long the check before a run waits for the bucket to answer.")
+    shared_local_root: bool = Field(
+        False,
+        description="A local root that every cluster worker mounts at the same path (NFS, a shared volume): allows a local root with an external Ray or Dask cluster, which is refused otherwise.",
+    )  # fmt: skip
 
 
 class IPRConfig(_Section):

@@ -94,9 +94,12 @@ def thread_settings() -> dict[str, Any]:
 def stage_threads(setting: int | str | None, *, max_workers: int, local: bool) -> int | None:
     """What ``pipeline.torch_threads`` means here: a count as given; ``"auto"``:
     this process's cores shared among the ``max_workers`` stages that run at
-    once on this machine (``local``; a remote worker's stage takes its cores);
-    None: torch's default."""
+    once on this machine (``local``); on an external cluster's worker, the CPUs
+    the engine gave the task (Ray sets ``OMP_NUM_THREADS`` to a task's
+    ``num_cpus``), else the worker's cores; None: torch's default."""
     if setting == "auto":
+        if not local and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            return max(1, int(os.environ["OMP_NUM_THREADS"]))
         return max(1, cores() // (max_workers if local else 1))
     return setting  # type: ignore[return-value]
 

@@ -71,16 +71,21 @@ def moto_server():
                 os.environ[k] = v
 
 
-@pytest.fixture
-def s3_root(moto_server):
-    """A fresh bucket on the moto server; returns ``s3://bucket/prefix``."""
+def s3_bucket(endpoint: str) -> str:
+    """A fresh bucket on the S3 API at ``endpoint``; returns ``s3://bucket/runs``."""
     import fsspec
 
     fsspec.config.conf.pop("s3", None)
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server})
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     bucket = f"ipr-{uuid.uuid4().hex[:10]}"
     fs.mkdir(bucket)
     return f"s3://{bucket}/runs"
+
+
+@pytest.fixture
+def s3_root(moto_server):
+    """A fresh bucket on the moto server; returns ``s3://bucket/runs``."""
+    return s3_bucket(moto_server)

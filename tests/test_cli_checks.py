@@ -82,7 +82,7 @@ def test_config_check_runs_the_checks_alone(tmp_path):
     assert ok.returncode == 0 and ok.stdout.strip() == f"ok: {root}/ipr-demo", ok.stderr
     exp = check("--experiment", str(ROOT / "configs" / "experiment-gotoobj.yaml"), "--set", f"storage.root={root}")
     assert exp.returncode == 0 and len(exp.stdout.splitlines()) == 9, exp.stdout + exp.stderr  # 3 variants x 3 seeds
-    dask = check("-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}", "--set", "pipeline.task_runner=dask", "--set", "pipeline.dask_address=tcp://127.0.0.1:1")
+    dask = check("-c", str(ROOT / "configs" / "demo.yaml"), "--set", f"storage.root={root}", "--set", "pipeline.task_runner=dask", "--set", "pipeline.dask_address=tcp://127.0.0.1:1", "--set", "storage.shared_local_root=true")
     _one_error_line(dask, "pipeline.dask_address", "not reachable")
     assert not root.exists() and not (tmp_path / "prefect").exists()
 

@@ -170,7 +170,7 @@ def test_transient_classification():
 def test_task_runners_from_config():
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.ipr_pipeline import task_runner
+    from flows.clusters import task_runner
 
     assert isinstance(task_runner(load_config()), ThreadPoolTaskRunner)
     prefect_dask = pytest.importorskip("prefect_dask")
@@ -189,7 +189,7 @@ def test_stage_task_runner_leaves_no_idle_task_thread(workers):
 
     from prefect import task
 
-    from flows.ipr_pipeline import task_runner
+    from flows.clusters import task_runner
 
     seen: list[threading.Thread] = []
     running, peak = [0], [0]
@@ -238,7 +238,7 @@ def test_stage_task_runner_leaves_no_idle_task_thread(workers):
 
 def test_dask_runner_runs_a_stage(tmp_path):
     pytest.importorskip("prefect_dask")
-    from flows.ipr_pipeline import task_runner
+    from flows.clusters import task_runner
 
     cfg = load_config(overrides=["pipeline.task_runner=dask", "pipeline.max_workers=1", f"storage.root={tmp_path}"])
 

@@ -16,14 +16,14 @@ from safetensors.torch import load_file  # noqa: E402
 from test_training_losses import NO_MARKERS_TEMPLATE  # noqa: E402
 from test_training_sft import cut_after  # noqa: E402
 
-from ipr_core.config import IPRTrainConfig  # noqa: E402
+from ipr_core.config import IPRTrainConfig, SFTConfig  # noqa: E402
 from ipr_core.conversation import step_messages, trajectory_messages  # noqa: E402
 from ipr_core.policies.tiny import load_tokenizer, save_tokenizer  # noqa: E402
 from ipr_core.training.common import Runtime, TargetScorer, TrainingError, load_model, score_segments  # noqa: E402
 from ipr_core.training.data import collate  # noqa: E402
 from ipr_core.training.ipr_trainer import choose_reference, encode_pairs, reference_logps, train_ipr  # noqa: E402
 from ipr_core.training.losses import dpo_loss, sequence_logps  # noqa: E402
-from ipr_core.training.sft import demonstration_segments  # noqa: E402
+from ipr_core.training.sft import demonstration_segments, train_sft  # noqa: E402
 from ipr_core.types import Trajectory  # noqa: E402
 
 torch.set_num_threads(1)
@@ -308,67 +308,48 @@ def test_time_cap_cuts_an_iteration(models, pairs, tmp_path, monkeypatch, caplog
 
 # --- several processes -------------------------------------------------------------------
 
-DDP_SCRIPT = """
-import json, os, sys
-import torch
-torch.set_num_threads(1)
-from test_training_ipr import CFG, HISTORY, Trajectory, step_messages, trajectory_messages, _agent_side
-from fake_env import SYSTEM, LineWorld, expert_steps
-from ipr_core.config import SFTConfig
-from ipr_core.training.ipr_trainer import train_ipr
-from ipr_core.training.sft import train_sft
-model, out, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-env = LineWorld()
-experts = []
-for task in env.list_tasks("train", 6):
-    ins, steps = expert_steps(env, task)
-    experts.append(Trajectory(f"e-{task.task_id}", task, "expert", SYSTEM, ins, tuple(steps), 0, 1.0, True, True))
-pairs = [{"pair_id": e.traj_id, "kind": "outcome" if i % 2 else "step", "prompt": trajectory_messages(e.system, e.instruction, []),
-          "chosen": step_messages(e.steps, False), "rejected": _agent_side("left")} for i, e in enumerate(experts)]
-cfg = CFG.model_copy(update={"epochs": 2, "batch_size": bs, "grad_accum": 2})
-r = train_ipr(model, model, pairs, experts, cfg, HISTORY, out + "/ipr", seed=0, precision="fp32")
-s = train_sft(model, experts, SFTConfig(epochs=2, lr=1e-3, batch_size=bs, grad_accum=2, warmup_ratio=0.0), HISTORY, out + "/sft", seed=0, precision="fp32")
-if os.environ.get("RANK", "0") == "0":
-    print("RESULT " + json.dumps({"ipr": r.history, "sft": r.losses + s.losses}))
-"""
+def _ddp_pairs(experts) -> list[dict]:
+    return [{"pair_id": e.traj_id, "kind": "outcome" if i % 2 else "step", "prompt": trajectory_messages(e.system, e.instruction, []),
+             "chosen": step_messages(e.steps, False), "rejected": _agent_side("left")} for i, e in enumerate(experts)]  # fmt: skip
 
 
 @pytest.mark.slow
-def test_two_processes_train_exactly_like_one_with_the_same_global_batch(models, tmp_path):
-    """DDP on CPU (gloo, torchrun): 2 processes x batch 2 == 1 process x batch 4:
-    same weights and the same (all-reduced) metrics, placeholders included
-    (5 pairs do not split evenly)."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
+def test_two_processes_train_exactly_like_one_with_the_same_global_batch(models, experts, tmp_path):
+    """training.processes: run_processes launches the trainers under torchrun
+    (gloo on CPU); 2 processes x batch 2 == one process x batch 4: same weights
+    and the same (all-reduced) metrics, placeholders included (6 experts as
+    3-pair micro-batches with grad_accum 2 do not split evenly)."""
+    from ipr_core.training.launch import run_processes
 
     policy, _ = models
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])]), "OMP_NUM_THREADS": "1"}
 
-    def run(out, bs, nproc):
-        from conftest import free_port
+    def run(out, bs, n):
+        cfg = CFG.model_copy(update={"epochs": 2, "batch_size": bs, "grad_accum": 2})
+        r = run_processes(train_ipr, n, policy, policy, _ddp_pairs(experts), experts, cfg, HISTORY, out / "ipr", seed=0, precision="fp32")
+        sft_cfg = SFTConfig(epochs=2, lr=1e-3, batch_size=bs, grad_accum=2, warmup_ratio=0.0)
+        s = run_processes(train_sft, n, policy, experts, sft_cfg, HISTORY, out / "sft", seed=0, precision="fp32")
+        return r, s
 
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
-        p = subprocess.Popen(launcher + [str(script), str(policy), str(out), str(bs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-        try:
-            stdout, stderr = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers
-            raise
-        assert p.returncode == 0, stderr[-3000:]
-        return json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))[7:])
-
-    one, two = run(tmp_path / "one", 4, 1), run(tmp_path / "two", 2, 2)
-    for a, b in zip(one["ipr"], two["ipr"]):
+    (r1, s1), (r2, s2) = run(tmp_path / "one", 4, 1), run(tmp_path / "two", 2, 2)
+    assert r1.steps == r2.steps > 1 and s1.steps == s2.steps > 1
+    assert (r1.processes, s1.processes, r2.processes, s2.processes) == (1, 1, 2, 2)
+    for a, b in zip(r1.history, r2.history):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5) for k in a)
-    assert one["sft"] == pytest.approx(two["sft"], rel=1e-4)
+    assert s1.losses == pytest.approx(s2.losses, rel=1e-4)
     for kind in ("ipr", "sft"):
         w1, w2 = _weights(tmp_path / "one" / kind), _weights(tmp_path / "two" / kind)
         assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_a_failing_rank_raises_its_own_error_in_the_caller(models, tmp_path):
+    """The exception of rank 0 reaches the caller as the one-process call raises
+    it, and nothing is saved."""
+    from ipr_core.training.launch import run_processes
+
+    policy, _ = models
+    with pytest.raises(ValueError, match="at least one expert trajectory"):
+        run_processes(train_sft, 2, policy, [], SFTConfig(), HISTORY, tmp_path / "sft", seed=0, precision="fp32")
+    assert not (tmp_path / "sft").exists()
 
 
 # --- memory: chunked, checkpointed forward passes --------------------------------------

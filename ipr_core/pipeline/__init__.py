@@ -18,6 +18,7 @@ import json
 from ipr_core import store
 from ipr_core.config import IPRConfig
 from ipr_core.pipeline.dag import Node, plan, run_plan, shard_count
+from ipr_core.pipeline.placement import check_shared_storage, external_cluster
 from ipr_core.pipeline.runner import Call, execute
 from ipr_core.pipeline.stage import Context, Folder, Rows, Stage, stage
 from ipr_core.pipeline.stages import STAGES
@@ -41,8 +42,9 @@ def client_options(cfg: IPRConfig) -> store.ClientOptions:
 def check(cfg: IPRConfig) -> None:
     """What can be checked before any work starts (a ConfigError or StoreError naming
     the field): the environment and its options, a user base model's folder, the
-    storage root (writable; an object store's credentials and endpoint), the Dask
-    scheduler, and the task counts against what the environment offers."""
+    storage root (writable; an object store's credentials and endpoint; shared
+    when stages run on an external cluster), the Dask scheduler or Ray cluster,
+    and the task counts against what the environment offers."""
     from pathlib import Path
 
     from ipr_core.config import ConfigError
@@ -52,10 +54,12 @@ def check(cfg: IPRConfig) -> None:
     base = cfg.model.base
     if base != "tiny" and not (Path(base) / "config.json").is_file():
         raise ConfigError(f"model.base={base!r} is neither 'tiny' nor a local checkpoint folder (no {Path(base) / 'config.json'})")
+    check_shared_storage(cfg)
     with store.client_options(client_options(cfg)):
         store.check_root(cfg.storage.root, cfg.storage.check_timeout_s)
-    if cfg.pipeline.task_runner == "dask" and cfg.pipeline.dask_address:
-        _reachable("pipeline.dask_address", cfg.pipeline.dask_address)
+    cluster = external_cluster(cfg)
+    if cluster is not None and cluster[1] != "auto":  # ray's "auto": the cluster this machine belongs to
+        _reachable(*cluster)
     _task_counts(cfg)
     _reward_model_used(cfg)
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from ipr_core import store
 from ipr_core.resources import PeakRSS, set_torch_threads, stage_threads, thread_settings
+from ipr_core.pipeline.placement import external_cluster
 from ipr_core.pipeline.stage import Context, Folder, Output, Rows, Stage, identity, recipe
 from ipr_core.schemas import from_rows
 
@@ -115,7 +116,7 @@ def execute(call: Call, cfg: BaseModel, root: str) -> str:
         ctx = Context(st.view(cfg), Path(tmp), st.out_path(call.params), root)
         # here: in whichever process (Dask, Ray worker) the stage runs
         p = cfg.pipeline
-        set_torch_threads(stage_threads(p.torch_threads, max_workers=p.max_workers, local=p.dask_address is None))
+        set_torch_threads(stage_threads(p.torch_threads, max_workers=p.max_workers, local=external_cluster(cfg) is None))
         with PeakRSS() as peak:
             output = st.fn(ctx, **call.inputs, **call.params)
         used = {"peak_rss_mb": peak.peak_mb, **thread_settings()}

@@ -7,7 +7,9 @@
 - ``kind``: the output's schema kind (``checkpoint`` for a model folder);
 - ``reads``: the config fields whose values define the result (its identity);
 - ``cost``: config fields it reads that change only speed or memory (batch
-  sizes, worker counts, cache budgets): left out of its identity on purpose.
+  sizes, worker counts, cache budgets): left out of its identity on purpose;
+- ``needs``: which group of ``pipeline.resources`` it asks a Ray or Dask
+  cluster for (generation, environment, training, light; placement.py).
 Its inputs are the function's parameters named ``*_uri`` / ``*_uris``; its other
 parameters (iteration, shard, tag) are part of its identity. The body receives
 a :class:`Context` whose ``cfg`` allows exactly ``reads`` + ``cost``.
@@ -74,6 +76,8 @@ class Stage:
     inputs: tuple[str, ...]  # parameter names holding input URIs (derived from the signature)
     params: tuple[str, ...]  # other parameters (part of the identity)
     doc: str = ""
+    # What it asks a cluster for: a group of pipeline.resources (generation, environment, training, light).
+    needs: str = "light"
 
     def out_path(self, params: Mapping[str, Any]) -> str:
         """The artifact's path relative to the run folder."""
@@ -94,12 +98,17 @@ def _split_signature(fn: Callable) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return inputs, tuple(n for n in names[1:] if n not in inputs)
 
 
-def stage(name: str, *, path: str, kind: str, reads: Sequence[str], cost: Sequence[str] = ()) -> Callable[[Callable[..., Output]], Stage]:
+NEEDS = ("generation", "environment", "training", "light")
+
+
+def stage(name: str, *, path: str, kind: str, reads: Sequence[str], cost: Sequence[str] = (), needs: str = "light") -> Callable[[Callable[..., Output]], Stage]:
     """Declare a stage (see the module docstring)."""
+    if needs not in NEEDS:
+        raise ValueError(f"stage {name}: needs={needs!r} is not one of {NEEDS}")
 
     def deco(fn: Callable[..., Output]) -> Stage:
         inputs, params = _split_signature(fn)
-        return Stage(name, fn, path, kind, tuple(reads), tuple(cost), inputs, params, inspect.getdoc(fn) or "")
+        return Stage(name, fn, path, kind, tuple(reads), tuple(cost), inputs, params, inspect.getdoc(fn) or "", needs)
 
     return deco
 

@@ -122,7 +122,7 @@ def _list_tasks(cfg, split: str, n: int) -> list[Task]:
 # --- the stages ------------------------------------------------------------------------
 
 
-@stage("experts", path="experts/train", kind="trajectories", reads=("seed", *ENV, "env.train_tasks", "training.sft.expert_episodes_multiplier"))
+@stage("experts", path="experts/train", kind="trajectories", reads=("seed", *ENV, "env.train_tasks", "training.sft.expert_episodes_multiplier"), needs="environment")
 def collect_experts(ctx: Context) -> Rows:
     """Expert trajectories for SFT (train_tasks x multiplier) and IPR (the first train_tasks)."""
     from ipr_core.experts import collect_experts as collect
@@ -168,22 +168,23 @@ def base_model(ctx: Context, experts_uri: str) -> Folder:
     return Folder(build_tiny_model(cfg.model.tiny, corpus, ctx.workdir / "model", seed=cfg.seed))
 
 
-@stage("sft", path="sft/model", kind="checkpoint", reads=("seed", "training.sft", "training.precision", "sampling.history_turns"), cost=TRAIN_COST)
+@stage("sft", path="sft/model", kind="checkpoint", reads=("seed", "training.sft", "training.precision", "training.processes", "sampling.history_turns"), cost=TRAIN_COST, needs="training")
 def sft(ctx: Context, base_uri: str, experts_uri: str) -> Folder:
     """Stage 0 (Eq. 1-2): NLL on the successful expert trajectories' assistant turns."""
+    from ipr_core.training.launch import run_processes
     from ipr_core.training.sft import train_sft
 
     cfg = ctx.cfg
     experts = successful(read_trajectories(experts_uri))
     base = str(store.read_checkpoint(base_uri))
-    result = train_sft(
-        base, experts, cfg.training.sft, cfg.sampling.history_turns, ctx.workdir,
+    result = run_processes(
+        train_sft, cfg.training.processes, base, experts, cfg.training.sft, cfg.sampling.history_turns, ctx.workdir,
         seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label, **_train_memory(cfg),
     )  # fmt: skip
     return Folder(ctx.workdir, result.summary())
 
 
-@stage("evaluate", path="eval/{split}/{tag}", kind="eval", reads=("seed", *EPISODES, "sampling.explore_temperature"), cost=EPISODE_COST)
+@stage("evaluate", path="eval/{split}/{tag}", kind="eval", reads=("seed", *EPISODES, "sampling.explore_temperature"), cost=EPISODE_COST, needs="generation")
 def evaluate(ctx: Context, model_uri: str, tasks_uri: str, tag: str, iteration: int, split: str) -> Rows:
     """Greedy episodes on held-out tasks (``split``: test or val): one row per task."""
     tasks = [Task.from_row(r) for r in store.read_rows(tasks_uri, "tasks")]
@@ -255,7 +256,7 @@ def _mc(ctx: Context, scorer_uri: str, scope: mc_memo.Scope, targets: Sequence[i
 ROLLOUT_COLUMNS = get_schema("mc_rollouts").schema.names  # a memo row carries them all
 
 
-@stage("expert-mc", path="scorer/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *TRAIN_SET, "mc.shard_size"), cost=MC_COST)
+@stage("expert-mc", path="scorer/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *TRAIN_SET, "mc.shard_size"), cost=MC_COST, needs="generation")
 def expert_mc(ctx: Context, scorer_uri: str, experts_uri: str, shard: int) -> Rows:
     """Stage 1 for the expert: N scorer rollouts after every expert step (one shard)."""
     return _mc(ctx, scorer_uri, _scope(ctx, scorer_uri), ipr.expert_targets(_shard(ctx.cfg, experts_uri, shard)))
@@ -282,7 +283,7 @@ def _agent_targets(cfg, branches: Sequence[Trajectory], experts: Sequence[Trajec
     return kept, [t for t in targets if (t.branch_id, t.step) not in ids]
 
 
-@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS), cost=MC_COST)
+@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS), cost=MC_COST, needs="generation")
 def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
     """Stage 1 for the agent: N scorer rollouts after each branch's first own action
     (branches that cannot make a pair are skipped: ``mc.score_all_branches``)."""
@@ -331,7 +332,7 @@ def agent_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, mc_u
     return _rewards(_agent_targets(ctx.cfg, _branches(branches_uris), ipr_experts(ctx.cfg, read_trajectories(experts_uri)))[0], mc_uris)
 
 
-@stage("explore", path="iter-{iteration:02d}/explore/shard-{shard:03d}", kind="branches", reads=(*EPISODES, *TRAIN_SET, "mc.shard_size", "sampling.explore_temperature"), cost=EPISODE_COST)
+@stage("explore", path="iter-{iteration:02d}/explore/shard-{shard:03d}", kind="branches", reads=(*EPISODES, *TRAIN_SET, "mc.shard_size", "sampling.explore_temperature"), cost=EPISODE_COST, needs="generation")
 def explore(ctx: Context, policy_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
     """Stage 2: the current policy continues greedily from every expert prefix e_{1:j}."""
     specs = ipr.explore_specs(_shard(ctx.cfg, experts_uri, shard), iteration, ctx.cfg.seed)
@@ -350,16 +351,17 @@ def pairs(ctx: Context, experts_uri: str, branches_uris: list[str], expert_rewar
     return Rows(rows, counts)
 
 
-@stage("train", path="iter-{iteration:02d}/model", kind="checkpoint", reads=("seed", "training.ipr", "training.precision", "sampling.history_turns"), cost=TRAIN_COST)
+@stage("train", path="iter-{iteration:02d}/model", kind="checkpoint", reads=("seed", "training.ipr", "training.precision", "training.processes", "sampling.history_turns"), cost=TRAIN_COST, needs="training")
 def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, experts_uri: str, iteration: int) -> Folder:
     """Stage 4 (Eq. 10): outcome-DPO + step-DPO + SFT, starting from the previous policy."""
     from ipr_core.training.ipr_trainer import train_ipr
+    from ipr_core.training.launch import run_processes
 
     cfg = ctx.cfg
     policy, reference = (str(store.read_checkpoint(u)) for u in (policy_uri, reference_uri))
     experts = successful(read_trajectories(experts_uri))
-    result = train_ipr(
-        policy, reference, store.read_rows(pairs_uri, "pairs"), experts, cfg.training.ipr, cfg.sampling.history_turns, ctx.workdir,
+    result = run_processes(
+        train_ipr, cfg.training.processes, policy, reference, store.read_rows(pairs_uri, "pairs"), experts, cfg.training.ipr, cfg.sampling.history_turns, ctx.workdir,
         seed=cfg.seed + iteration, precision=cfg.training.precision, progress=ctx.label, **_train_memory(cfg),
     )  # fmt: skip
     return Folder(ctx.workdir, result.summary())
@@ -375,7 +377,7 @@ def _by_target(rows) -> dict[tuple[str, int], float]:
     return {(r["branch_id"], int(r["step"])): float(r["reward"]) for r in rows}
 
 
-@stage("reward-model", path="reward_model/model", kind="checkpoint", reads=RM_TRAIN, cost=TRAIN_COST)
+@stage("reward-model", path="reward_model/model", kind="checkpoint", reads=RM_TRAIN, cost=TRAIN_COST, needs="training")
 def reward_model(ctx: Context, scorer_uri: str, experts_uri: str, expert_rewards_uri: str, branches_uris: list[str], agent_rewards_uris: list[str]) -> Folder:
     """A scalar head on the scorer, trained by MSE on the run's MC step rewards so far
     (expert steps, and the agent branches of the iterations before mc.reward_model_from),
@@ -392,7 +394,7 @@ def reward_model(ctx: Context, scorer_uri: str, experts_uri: str, expert_rewards
     return Folder(ctx.workdir, {**res.summary(), **pair_agreement(res.held_out_pred, held, _by_target(expert_rows), cfg.pairs.tau_step)})
 
 
-@stage("agent-rm-rewards", path="iter-{iteration:02d}/agent_rm_rewards", kind="step_rewards", reads=(*AGENT_TARGETS, "training.reward_model.max_length", "sampling.history_turns", "mc.n_rollouts"))
+@stage("agent-rm-rewards", path="iter-{iteration:02d}/agent_rm_rewards", kind="step_rewards", reads=(*AGENT_TARGETS, "training.reward_model.max_length", "sampling.history_turns", "mc.n_rollouts"), needs="generation")
 def agent_rm_rewards(ctx: Context, rm_uri: str, branches_uris: list[str], experts_uri: str, iteration: int) -> Rows:
     """Step rewards of the agent branches agent MC would score, from the reward
     model instead of rollouts (last steps keep their outcome, as with MC)."""
@@ -429,7 +431,7 @@ def _near_decision(cfg, targets: Sequence[ipr.MCTarget], rm_rows, expert_rewards
     return near, far
 
 
-@stage("hybrid-mc", path="iter-{iteration:02d}/hybrid_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS, *HYBRID), cost=MC_COST)
+@stage("hybrid-mc", path="iter-{iteration:02d}/hybrid_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS, *HYBRID), cost=MC_COST, needs="generation")
 def hybrid_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, expert_rewards_uri: str, rm_rewards_uri: str, iteration: int, shard: int) -> Rows:
     """mc.mode=hybrid: agent MC only for the targets whose pair decision the reward
     model leaves near its threshold; the model's reward stands for the others."""

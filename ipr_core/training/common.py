@@ -4,9 +4,11 @@ and results. Checkpoint files are ``ipr_core.policies.checkpoint_io``'s.
 
 CPU-safe by construction (docs/models.md, "CPU-safe settings": TRL's bf16 and
 gradient-checkpointing defaults break on CPU): precision "auto" is bf16
-autocast only on CUDA with bf16 support, fp32 elsewhere; no gradient
-checkpointing. Several GPUs work through ``accelerate launch`` (DDP via
-``Accelerator.prepare``); one process is the same code with a world size of 1.
+autocast only on CUDA with bf16 support, fp32 elsewhere; activation
+checkpointing is non-reentrant and bit-exact (``checkpoint_layers``). Several
+processes (GPUs, or gloo on CPU) come from ``training.launch`` (torchrun from a
+stage) or ``accelerate launch`` (DDP via ``Accelerator.prepare``); one process
+is the same code with a world size of 1.
 """
 
 from __future__ import annotations
@@ -57,10 +59,11 @@ class TrainResult:
     history: tuple[Mapping[str, float], ...] = field(default_factory=tuple)
     cut_by_time: bool = False  # the wall-clock cap (max_time_s) stopped the loop before planned_steps
     planned_steps: int = 0  # the steps the LR schedule was planned over
+    processes: int = 1  # the world size (training.processes)
 
     @classmethod
     def from_loop(cls, loop: "LoopResult", wall_s: float) -> "TrainResult":
-        return cls(loop.steps, wall_s, loop.train_s, loop.tokens, loop.history, loop.cut_by_time, loop.planned_steps)
+        return cls(loop.steps, wall_s, loop.train_s, loop.tokens, loop.history, loop.cut_by_time, loop.planned_steps, loop.processes)
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,6 +84,7 @@ class TrainResult:
             "steps": self.steps,
             "planned_steps": self.planned_steps,
             "cut_by_time": self.cut_by_time,
+            "processes": self.processes,
             "wall_s": round(self.wall_s, 3),
             "train_s": round(self.train_s, 3),
             "tokens": self.tokens,

@@ -197,6 +197,7 @@ class LoopResult:
     train_s: float  # the loop's wall time
     tokens: int  # non-padding tokens forwarded through the policy (all processes)
     cut_by_time: bool
+    processes: int = 1  # the world size it trained with (training.processes)
 
     @property
     def steps(self) -> int:
@@ -242,7 +243,7 @@ def run_loop(
         if i % log_every(steps) == 0 or i == steps - 1:
             log.info("%s step %d/%d %s", name, i + 1, steps, step.describe(hist[-1]))
     pbar.close()
-    result = LoopResult(steps, tuple(hist), budget.elapsed(), tokens, cut)
+    result = LoopResult(steps, tuple(hist), budget.elapsed(), tokens, cut, rt.world)
     check_cut(result, cfg, name)
     return result
 
