@@ -85,6 +85,27 @@ def _ray_runner_class():
     return ClusterRayTaskRunner
 
 
+def _dask_runner_class():
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as e:
+        raise ImportError("pipeline.task_runner=dask needs prefect-dask: pip install 'ipr-flow[dask]'") from e
+
+    class LocalEnvDaskTaskRunner(DaskTaskRunner):
+        """DaskTaskRunner whose LocalCluster workers get this flow's Prefect API (an
+        ephemeral server's URL is known only when the flow starts): without it each
+        worker process starts an API of its own on the same database. An external
+        scheduler's workers keep their own environment (checked by Placement.of)."""
+
+        def __enter__(self):
+            if not self.address:
+                env = {**worker_env(()), **(self.cluster_kwargs.get("env") or {})}
+                self.cluster_kwargs = {**self.cluster_kwargs, "env": env}
+            return super().__enter__()
+
+    return LocalEnvDaskTaskRunner
+
+
 def task_runner(cfg: IPRConfig):
     """The task runner from config: threads (default), Dask or Ray."""
     p = cfg.pipeline
@@ -96,13 +117,10 @@ def task_runner(cfg: IPRConfig):
 
         return StageTaskRunner(max_workers=p.max_workers)
     if p.task_runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as e:
-            raise ImportError("pipeline.task_runner=dask needs prefect-dask: pip install 'ipr-flow[dask]'") from e
+        runner = _dask_runner_class()
         if p.dask_address:
-            return DaskTaskRunner(address=p.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": p.max_workers, "threads_per_worker": 1, "processes": True})
+            return runner(address=p.dask_address)
+        return runner(cluster_kwargs={"n_workers": p.max_workers, "threads_per_worker": 1, "processes": True})
     # A local instance: no dashboard (nobody opens it, and it costs a process and memory).
     init = {} if p.ray_address else {"include_dashboard": False}
     return _ray_runner_class()(address=p.ray_address, init_kwargs=init, forward=tuple(p.worker_env))

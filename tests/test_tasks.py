@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 import pytest
-from prefect import flow
+from prefect import flow, task
 from prefect.testing.utilities import prefect_test_harness
 
 from helpers import pair_row
@@ -248,12 +248,23 @@ def test_dask_runner_runs_a_stage(tmp_path):
 
     t = stage_task(square).with_options(cache_policy=None, persist_result=False)
 
+    @task(persist_result=False)
+    def worker_api() -> str | None:
+        import os
+
+        return os.environ.get("PREFECT_API_URL")
+
     @flow(task_runner=task_runner(cfg))
     def f():
-        return [t.submit(cfg=cfg.model_dump(mode="json"), out=str(tmp_path / f"sq-{i}"), inputs={}, params={"x": i}).result() for i in range(3)]
+        from flows.clusters import api_url
 
-    outs = f()
+        outs = [t.submit(cfg=cfg.model_dump(mode="json"), out=str(tmp_path / f"sq-{i}"), inputs={}, params={"x": i}).result() for i in range(3)]
+        return outs, worker_api.submit().result(), api_url()
+
+    outs, worker, ours = f()
     assert [store.read_rows(u)[0]["value"] for u in outs] == [0.0, 1.0, 4.0]
+    # the LocalCluster's worker reports to this flow's API (an ephemeral one too), not to an API of its own
+    assert worker and worker.rstrip("/") == ours
 
 
 

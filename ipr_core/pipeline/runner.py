@@ -116,7 +116,10 @@ def execute(call: Call, cfg: BaseModel, root: str) -> str:
         ctx = Context(st.view(cfg), Path(tmp), st.out_path(call.params), root)
         # here: in whichever process (Dask, Ray worker) the stage runs
         p = cfg.pipeline
-        set_torch_threads(stage_threads(p.torch_threads, max_workers=p.max_workers, local=external_cluster(cfg) is None))
+        # Ray (local or not) gives a task the CPUs it asked for (OMP_NUM_THREADS): its tasks run side by side
+        # up to the CPUs, not up to max_workers
+        on_own_cores = external_cluster(cfg) is None and p.task_runner != "ray"
+        set_torch_threads(stage_threads(p.torch_threads, max_workers=p.max_workers, local=on_own_cores))
         with PeakRSS() as peak:
             output = st.fn(ctx, **call.inputs, **call.params)
         used = {"peak_rss_mb": peak.peak_mb, **thread_settings()}
