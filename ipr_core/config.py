@@ -51,6 +51,7 @@ class TinyModelConfig(_Section):
     vocab_size: int = Field(1024, ge=300, description="Byte-level BPE vocabulary size trained locally.")
     max_position_embeddings: int = Field(1024, ge=64, description="Context length of the tiny model.")
     tokenizer_corpus_episodes: int = Field(200, ge=1, description="Expert episodes whose text trains the tokenizer.")
+    tie_embeddings: bool = Field(True, description="Share the input embedding and output projection. vLLM's in-place weight reload (model.server.mode=reload) does not update a tied output layer, so reload mode needs false.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinyModelConfig":
@@ -62,18 +63,48 @@ class TinyModelConfig(_Section):
 
 
 class OpenAIBackendConfig(_Section):
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of an OpenAI-compatible server (e.g. `vllm serve`).")
-    model: str | None = Field(None, description="Model name sent to the server; None sends each stage's checkpoint URI (the server must serve it under that name).")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of an OpenAI-compatible server (model.server.mode=external, when model.server.urls is empty).")
+    model: str | None = Field(
+        None,
+        description="Not supported: a fixed model name would let every stage generate with whatever the server holds. Requests name the stage's "
+        "checkpoint by its served name (ckpt-<content digest>), checked against the server's /v1/models (model.server).",
+    )  # fmt: skip
+    send_seed: bool = Field(True, description="Send each request's seed (reduced to 31 bits); off for servers that ignore or reject seed.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (empty key is allowed for local servers).")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
     max_concurrency: int = Field(16, ge=1, description="Concurrent HTTP requests.")
     max_retries: int = Field(4, ge=0, description="Retries with exponential backoff on transient errors (timeouts, 429, 5xx).")
     backoff_s: float = Field(0.5, ge=0, description="Initial backoff in seconds, doubled per retry.")
 
+    @model_validator(mode="after")
+    def _no_fixed_name(self) -> "OpenAIBackendConfig":
+        if self.model is not None:
+            raise ValueError(
+                f"model.openai.model={self.model!r} is not supported: every stage would generate with whatever that name serves. "
+                "Use model.server.mode=managed (the pipeline serves each checkpoint), or external servers started with --served-model-name ckpt-<digest> (docs/models.md)"
+            )
+        return self
+
+
+class ServerConfig(_Section):
+    """Who serves each checkpoint to model.backend=openai (docs/models.md, "Serving with vLLM")."""
+
+    mode: Literal["external", "managed", "reload"] = Field(
+        "external",
+        description="external: servers you run (model.server.urls); managed: the pipeline starts a vLLM server per checkpoint on 127.0.0.1 and stops it; "
+        "reload: the pipeline's servers get each new checkpoint's weights in place (vLLM reload_weights + prefix-cache reset).",
+    )  # fmt: skip
+    urls: list[str] = Field(default_factory=list, description="external: base URLs of your servers (one per role, e.g. scorer and policy); empty = [model.openai.base_url].")
+    python: str | None = Field(None, description="managed/reload: the Python of vLLM's own environment; None = $IPR_VLLM_PYTHON, else python3 on PATH.")
+    args: list[str] = Field(default_factory=list, description="managed/reload: extra server flags (on CPU: --gpu-memory-utilization 0.2 --no-enable-chunked-prefill --dtype float32).")
+    env: dict[str, str] = Field(default_factory=dict, description="managed/reload: extra environment variables of the server process.")
+    start_timeout_s: float = Field(900.0, gt=0, description="managed/reload: seconds a server may take to list its model.")
+    max_servers: int = Field(2, ge=1, description="managed/reload: servers one process keeps at once (the scorer and the policy); the least recently used idle one is stopped or reloaded.")
+
 
 class ModelConfig(_Section):
     base: str = Field("tiny", description="'tiny' builds a tiny local model from the environment's text; otherwise a local checkpoint folder (copied into the store).")
-    backend: Literal["transformers", "openai", "vllm"] = Field("transformers", description="Generation backend for rollouts.")
+    backend: Literal["transformers", "openai"] = Field("transformers", description="Generation backend: in-process transformers, or an OpenAI-compatible server (vLLM; model.server).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 on CUDA with bf16 support, else float32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the in-process backend; auto = cuda if available.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint (off unless you trust it).")
@@ -81,6 +112,16 @@ class ModelConfig(_Section):
     replica_threads: int | None = Field(None, ge=1, description="Torch threads per replica on CPU; None = the cores divided by replicas.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Size of the locally built tiny model (base='tiny').")
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig, description="Settings of the OpenAI-compatible backend.")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="Which server generates for each checkpoint (model.backend=openai).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_in_process_vllm(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend") == "vllm":
+            # vLLM pins an older transformers than the project's: it can only run as a separate server
+            raise ValueError("model.backend=vllm (in-process) was removed: vLLM cannot be installed beside ipr-flow's transformers. "
+                             "Use model.backend=openai with model.server.mode=managed (a vLLM server in its own environment; docs/models.md)")
+        return data
 
 
 class SamplingConfig(_Section):
@@ -226,7 +267,7 @@ class StageResources(_Section):
     generation: ResourceRequest = Field(
         default_factory=ResourceRequest,
         description="Stages that generate with a model (expert and agent MC, exploration, evaluation, reward-model scoring). "
-        "auto: 1 CPU; 1 GPU when model.device is cuda, or auto and the cluster has GPUs.",
+        "auto: 1 CPU; model.replicas GPUs when model.device is cuda, or auto and the cluster has GPUs (none with external servers).",
     )  # fmt: skip
     environment: ResourceRequest = Field(
         default_factory=ResourceRequest,

@@ -47,6 +47,8 @@ def test_auto_asks_a_cpu_cluster_for_cpus_and_a_gpu_cluster_for_gpus():
 def test_a_served_model_needs_no_gpu_in_the_generation_stage_and_explicit_values_win():
     served = cfg("model.backend=openai", "model.openai.base_url=http://127.0.0.1:1/v1")
     assert request(served, "generation", GPU_NODES) == Request(1.0, 0.0)
+    managed = cfg("model.backend=openai", "model.server.mode=managed")  # the stage starts its server where it runs
+    assert request(managed, "generation", GPU_NODES) == Request(1.0, 1.0)
     fixed = cfg("pipeline.resources.training.cpus=2", "pipeline.resources.training.gpus=0", "pipeline.resources.generation.gpus=0.5")
     assert request(fixed, "training", GPU_NODES) == Request(2.0, 0.0)
     assert request(fixed, "generation", GPU_NODES) == Request(1.0, 0.5)

@@ -56,7 +56,8 @@ class FakeServer:
                     time.sleep(server.delay_s)
                     if action == 200:
                         text = f"Thought: ok\nAction: {body['seed']}-{body['messages'][-1]['content']}"
-                        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+                        usage = {"prompt_tokens": 9, "completion_tokens": len(text.split()), "total_tokens": 9 + len(text.split())}
+                        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}], "usage": usage})
                     else:
                         self._send(action, {"error": {"message": f"scripted failure {action}", "code": action}}, {"Retry-After": "0"} if action == 429 else {})
                 finally:
@@ -110,6 +111,7 @@ def test_answers_in_order_with_all_sampling_fields_and_bounded_concurrency():
     assert sorted(r["seed"] for r in srv.requests) == list(range(100, 110))
     assert srv.headers[0]["Authorization"] == "Bearer sk-test"
     assert 1 < srv.max_in_flight <= 3
+    assert p.stats.completions == 10 and p.stats.generated_tokens == 10 * 4  # 4 words per reply: the server's usage.completion_tokens
 
 
 @pytest.mark.parametrize("status", [503, 500, 429])

@@ -62,6 +62,10 @@ def check(cfg: IPRConfig) -> None:
         _reachable(*cluster)
     _task_counts(cfg)
     _reward_model_used(cfg)
+    if cfg.model.backend == "openai":
+        from ipr_core.policies.serving import check_servers
+
+        check_servers(cfg.model)
 
 
 def _reward_model_used(cfg: IPRConfig) -> None:

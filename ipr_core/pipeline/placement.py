@@ -81,8 +81,8 @@ def _auto(cfg: Any, needs: str, nodes: Sequence[Node]) -> Request:
     gpu = uses_gpus(cfg, nodes)
     largest = max((n.cpus for n in nodes), default=1.0)
     if needs == "generation":
-        # an OpenAI-compatible server does the generating: the stage itself needs no GPU
-        local_model = cfg.model.backend != "openai"
+        # external servers do the generating: the stage itself needs no GPU; a managed one runs beside the stage
+        local_model = cfg.model.backend != "openai" or cfg.model.server.mode != "external"
         return Request(1.0, float(cfg.model.replicas) if gpu and local_model else 0.0)
     if needs == "environment":
         return Request(float(min(cfg.env.workers, largest)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ipr_core import ipr, mc_memo, store
 from ipr_core.envs.base import make_env
@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 
 # Field groups shared by several declarations.
 ENV = ("env.name", "env.options", "env.max_steps")
-EPISODES = ENV + ("sampling.history_turns", "sampling.max_new_tokens", "sampling.top_p", "model.backend", "model.dtype", "model.device", "model.openai.model")
+EPISODES = ENV + ("sampling.history_turns", "sampling.max_new_tokens", "sampling.top_p", "model.backend", "model.dtype", "model.device", "model.openai.model", "model.openai.send_seed")
 # Speed and memory only: changing them reuses finished artifacts (outputs may
 # differ by float rounding in batched kernels, never by what is computed).
 EPISODE_COST = (
     "env.workers", "env.concurrency", "sampling.batch_size", "sampling.prefix_sharing", "sampling.prefix_cache_mb",
     "model.replicas", "model.replica_threads", "model.trust_remote_code", "model.openai.base_url", "model.openai.api_key_env",
-    "model.openai.timeout_s", "model.openai.max_concurrency", "model.openai.max_retries", "model.openai.backoff_s",
+    "model.openai.timeout_s", "model.openai.max_concurrency", "model.openai.max_retries", "model.openai.backoff_s", "model.server",
 )  # fmt: skip
 TRAIN_SET = ("seed", "env.train_tasks")  # which expert trajectories IPR explores along
 TRAIN_COST = ("training.max_forward_tokens", "training.activation_checkpointing")  # memory only
@@ -47,11 +47,17 @@ def _env_factory(cfg):
     return partial(make_env, cfg.env.name, cfg.env.options, cfg.env.max_steps)
 
 
-def _policy(cfg, model_uri: str):
+def _policy(cfg, model_uri: str) -> tuple[Any, dict[str, Any], Callable[[], None]]:
+    """The stage's policy on ``model_uri``; for a served model also what its server
+    reported serving (for the manifest) and the call that releases the server."""
     from ipr_core.policies.factory import make_policy
 
-    local = str(store.read_checkpoint(model_uri)) if cfg.model.backend == "transformers" else model_uri
-    return make_policy(cfg.model, cfg.sampling, local)
+    if cfg.model.backend == "transformers":
+        return make_policy(cfg.model, cfg.sampling, str(store.read_checkpoint(model_uri))), {}, lambda: None
+    from ipr_core.policies.serving import connect
+
+    served, release = connect(cfg.model, model_uri)
+    return make_policy(cfg.model, cfg.sampling, model_uri, served), {"served": served.identity}, release
 
 
 def _sampling(cfg, temperature: float) -> SamplingParams:
@@ -69,7 +75,7 @@ def _episodes(ctx: Context, model_uri: str, specs, temperature: float, on_episod
     if not specs:
         return [], {}
     cfg = ctx.cfg
-    policy = _policy(cfg, model_uri)
+    policy, served, release = _policy(cfg, model_uri)
     try:
         eps = ipr.run_specs(
             _env_factory(cfg), policy, specs, _sampling(cfg, temperature), history=cfg.sampling.history_turns,
@@ -77,11 +83,12 @@ def _episodes(ctx: Context, model_uri: str, specs, temperature: float, on_episod
             on_episode=on_episode,
         )  # fmt: skip
         stats = getattr(policy, "stats", None)
-        return eps, ({"generated_tokens": int(stats.generated_tokens)} if stats is not None else {})
+        return eps, {**served, **({"generated_tokens": int(stats.generated_tokens)} if stats is not None else {})}
     finally:
         close = getattr(policy, "close", None)
         if close:
             close()
+        release()
 
 
 def read_trajectories(uri: str, kind: str = "trajectories") -> list[Trajectory]:

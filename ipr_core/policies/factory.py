@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ipr_core.config import ModelConfig, SamplingConfig
 from ipr_core.policies.base import Policy
+from ipr_core.policies.serving import Served
 
 
-def make_policy(model_cfg: ModelConfig, sampling_cfg: SamplingConfig, model_path: str) -> Policy:
+def make_policy(model_cfg: ModelConfig, sampling_cfg: SamplingConfig, model_path: str, served: Served | None = None) -> Policy:
     """A Policy for ``model_cfg.backend``.
 
-    ``model_path``: a local checkpoint folder for ``transformers``; for
-    ``openai`` the served model name unless ``model.openai.model`` names it
-    (``vllm serve PATH`` serves under PATH); for ``vllm`` a local folder or a
-    store URI (fetched through the store's checkpoint cache).
+    ``model_path``: a local checkpoint folder for ``transformers``. For
+    ``openai``, ``served`` says which server and name generate (the pipeline
+    resolves it with ``serving.connect``, checked against what the server
+    lists); without it, requests go to ``model.openai.base_url`` under the
+    name ``model_path``, unchecked (for calls outside the pipeline).
     """
     backend = model_cfg.backend
     if model_cfg.replicas > 1 and backend != "transformers":
@@ -44,22 +45,13 @@ def make_policy(model_cfg: ModelConfig, sampling_cfg: SamplingConfig, model_path
 
         o = model_cfg.openai
         return OpenAIChatPolicy(
-            o.base_url,
-            o.model or model_path,
+            served.base_url if served else o.base_url,
+            served.model if served else model_path,
             api_key=os.environ.get(o.api_key_env) or None,
             timeout_s=o.timeout_s,
             max_concurrency=o.max_concurrency,
             max_retries=o.max_retries,
             backoff_s=o.backoff_s,
+            send_seed=o.send_seed,
         )
-    if backend == "vllm":
-        from ipr_core.policies.vllm_backend import VLLMPolicy, _import_vllm
-
-        _import_vllm()  # fail with the install hint before fetching a checkpoint
-        local = model_path
-        if not Path(model_path).is_dir():
-            from ipr_core.store import read_checkpoint
-
-            local = str(read_checkpoint(model_path))
-        return VLLMPolicy(local, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
-    raise ValueError(f"unknown model.backend {backend!r}; expected transformers, openai or vllm")
+    raise ValueError(f"unknown model.backend {backend!r}; expected transformers or openai")

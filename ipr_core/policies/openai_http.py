@@ -51,6 +51,7 @@ class HTTPStats:
     requests: int = 0  # HTTP attempts, retries included
     retries: int = 0
     completions: int = 0
+    generated_tokens: int = 0  # the servers' usage.completion_tokens (0 where a server does not report usage)
 
 
 class OpenAIChatPolicy:
@@ -69,6 +70,7 @@ class OpenAIChatPolicy:
         max_backoff_s: float = 30.0,
         stop: Sequence[str] = (IM_END,),
         extra_body: dict[str, Any] | None = None,
+        send_seed: bool = True,
     ):
         if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError(f"invalid HTTP settings: max_concurrency={max_concurrency}, max_retries={max_retries}, timeout_s={timeout_s}, backoff_s={backoff_s}")
@@ -82,6 +84,7 @@ class OpenAIChatPolicy:
         # servers whose template does not mark it as eos. Empty = send none.
         self.stop = list(stop)
         self.extra_body = dict(extra_body or {})
+        self.send_seed = send_seed
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s),
@@ -99,9 +102,10 @@ class OpenAIChatPolicy:
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_new_tokens,
-            "seed": int(seed) % _SEED_MOD,
             "n": 1,
         }
+        if self.send_seed:
+            body["seed"] = int(seed) % _SEED_MOD
         if self.stop:
             body["stop"] = self.stop
         body.update(self.extra_body)
@@ -144,8 +148,9 @@ class OpenAIChatPolicy:
                 last = f"connection error: {type(e).__name__}: {e}"
             else:
                 if r.status_code == 200:
-                    self._count(completions=1)
-                    return self._content(r)
+                    text, tokens = self._content(r)
+                    self._count(completions=1, generated_tokens=tokens)
+                    return text
                 excerpt = r.text[:300]
                 if r.status_code == 429 or r.status_code >= 500:
                     last = f"HTTP {r.status_code}: {excerpt}"
@@ -163,12 +168,16 @@ class OpenAIChatPolicy:
                 time.sleep(delay)
         raise PolicyError(f"{self.url}: giving up after {self.max_retries + 1} attempts; last error: {last}")
 
-    def _content(self, r: httpx.Response) -> str:
+    def _content(self, r: httpx.Response) -> tuple[str, int]:
+        """The reply's text, and the tokens the server says it generated."""
         try:
-            msg = r.json()["choices"][0]["message"]
+            body = r.json()
+            msg = body["choices"][0]["message"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise PolicyError(f"{self.url} returned HTTP 200 without choices[0].message: {r.text[:300]}") from None
-        return msg.get("content") or ""
+        usage = body.get("usage") if isinstance(body, dict) else None
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        return msg.get("content") or "", int(tokens) if isinstance(tokens, int) else 0
 
 
 def _retry_after(r: httpx.Response) -> float | None:

@@ -72,7 +72,7 @@ def build_tiny_model(cfg: TinyModelConfig, corpus: Iterable[str], out_dir: str |
         num_key_value_heads=cfg.num_kv_heads,
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.eos_token_id,
