@@ -31,7 +31,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PY) bench/envs.py && $(PY) bench/rollouts.py && $(PY) bench/training.py && $(PY) bench/orchestration.py && $(PY) bench/ipr_cost.py && $(PY) bench/contention.py
+	$(PY) bench/envs.py && $(PY) bench/rollouts.py && $(PY) bench/training.py && $(PY) bench/orchestration.py && $(PY) bench/ipr_cost.py && $(PY) bench/contention.py && $(PY) bench/serving.py
 
 clean-venv:
 	rm -rf $(VENV)
