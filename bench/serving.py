@@ -54,6 +54,8 @@ sys.path[:0] = [str(ROOT)]
 from ipr_core import ipr, store  # noqa: E402
 from ipr_core.config import ModelConfig, SamplingConfig, TinyModelConfig  # noqa: E402
 from ipr_core.envs.base import make_env  # noqa: E402
+from ipr_core.pipeline.runner import publish  # noqa: E402
+from ipr_core.pipeline.stage import Folder  # noqa: E402
 from ipr_core.policies.base import SamplingParams  # noqa: E402
 
 VLLM_PY = os.environ.get("IPR_VLLM_PYTHON") or str(ROOT / ".vllm-venv" / "bin" / "python")
@@ -119,7 +121,7 @@ def other_weights(src: Path, out: Path, seed: int) -> Path:
 def to_store(root: Path, name: str, path: Path) -> str:
     """Write ``path`` into the local store: ``connect`` serves a checkpoint by its manifest's digest."""
     uri = store.join(str(root), name)
-    store.write_checkpoint(uri, path)
+    publish(uri, "checkpoint", Folder(path))
     return uri
 
 

@@ -151,7 +151,7 @@ def _worker_api_url() -> str:
 
 def _check_dask_api(client, address: str) -> None:
     """Dask workers report task runs to the API they were started with: it must be ours."""
-    ours = (api_url() or "").rstrip("/")
+    ours = api_url() or ""
     theirs = client.run(_worker_api_url)
     wrong = {w: u for w, u in theirs.items() if u != ours}
     if wrong:

@@ -27,9 +27,12 @@ from typing import Callable, Iterator
 
 import pytest
 
+import yaml
+
 from conftest import free_port
 from ipr_core import store
 from prefect_fixtures import prefect_server, stop_process_group  # noqa: F401
+from test_pipeline import TINY, _manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,28 +40,17 @@ IPR = [sys.executable, "-m", "ipr_cli.main"]
 
 pytest.importorskip("minigrid")
 
-# Small, training on 2 processes (training.processes), and with a fixed torch thread count: "auto" would give a cluster task
-# the CPUs it asked for and the threads run the whole machine, and another
-# thread count may round floats differently (docs/performance.md).
-CONFIG = """
-run_name: cluster
-seed: 5
-env:
-  name: babyai
-  options: {{level: BabyAI-GoToObj-v0}}
-  train_tasks: 4
-  eval_tasks: 4
-model:
-  tiny: {{hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64, vocab_size: 320, max_position_embeddings: 512, tokenizer_corpus_episodes: 8}}
-sampling: {{max_new_tokens: 12, batch_size: 32, history_turns: 1}}
-mc: {{n_rollouts: 2, shard_size: 1}}
-training:
-  processes: 2
-  sft: {{epochs: 1, lr: 0.001, batch_size: 8}}
-  ipr: {{epochs: 1, batch_size: 4}}
-pipeline: {{iterations: 1, max_workers: 2, retries: 0, torch_threads: 1, eval_base: false, {runner}}}
-storage: {{root: "{root}"}}
-"""
+def cluster_config(root: str, runner: dict) -> str:
+    """test_pipeline's tiny config, training on 2 processes (training.processes), one
+    iteration, and a fixed torch thread count: "auto" would give a cluster task the
+    CPUs it asked for and the threads run the whole machine, and another thread
+    count may round floats differently (docs/performance.md)."""
+    cfg = yaml.safe_load(TINY.format(name="cluster", root=root))
+    cfg["seed"] = 5
+    cfg["training"]["processes"] = 2
+    cfg["pipeline"].update(iterations=1, max_workers=2, torch_threads=1, eval_base=False, **runner)
+    return yaml.safe_dump(cfg)
+
 
 AWS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
@@ -70,9 +62,9 @@ def _env(prefect_env: dict) -> dict:
             "RAY_AUTH_MODE": "disabled"}
 
 
-def _run(tmp_path: Path, env: dict, root: str, runner: str, during: Callable[[subprocess.Popen], None] | None = None) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, env: dict, root: str, runner: dict, during: Callable[[subprocess.Popen], None] | None = None) -> subprocess.CompletedProcess:
     cfg = tmp_path / f"cluster-{abs(hash(root))}.yaml"
-    cfg.write_text(CONFIG.format(root=root, runner=runner))
+    cfg.write_text(cluster_config(root, runner))
     log = tmp_path / f"{cfg.stem}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(IPR + ["run", "-c", str(cfg)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -87,11 +79,7 @@ def _run(tmp_path: Path, env: dict, root: str, runner: str, during: Callable[[su
 
 
 def content_digests(run: str) -> dict[str, str]:
-    out = {}
-    for info in store.ls(run):
-        if info.complete:
-            out[info.uri[len(run) :].strip("/")] = store.read_manifest(info.uri).digest
-    return out
+    return {k: digest for k, (digest, _) in _manifests(run).items()}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +89,7 @@ def reference(prefect_server, moto_server, tmp_path_factory):  # noqa: F811
 
     env = _env(prefect_server[1])
     root = s3_bucket(moto_server)
-    done = _run(tmp_path_factory.mktemp("threads"), env, root, "task_runner: threads")
+    done = _run(tmp_path_factory.mktemp("threads"), env, root, {"task_runner": "threads"})
     assert done.returncode == 0, done.stdout[-4000:]
     digests = content_digests(store.join(root, "cluster"))
     assert {"iter-01/model", "eval/test/iter-01", "scorer/expert_rewards", "iter-01/pairs"} <= set(digests)
@@ -238,7 +226,7 @@ def test_ray_cluster_run_survives_a_killed_worker_and_matches_threads(reference,
     env = _env(prefect_server[1])
     root, killed = s3_bucket(moto_server), []
     with ray_cluster(env, tmp_path) as address:
-        done = _run(tmp_path, env, root, f"task_runner: ray, ray_address: '{address}'", kill_a_shard_worker(root, _ray_shard_worker, killed))
+        done = _run(tmp_path, env, root, {"task_runner": "ray", "ray_address": address}, kill_a_shard_worker(root, _ray_shard_worker, killed))
     assert done.returncode == 0, done.stdout[-4000:]
     assert killed, "no MC shard was seen running on a Ray worker"
     assert "Using Ray cluster with 2 nodes" in done.stdout
@@ -254,7 +242,7 @@ def test_dask_cluster_run_survives_a_killed_worker_and_matches_threads(reference
     env = _env(prefect_server[1])
     root, killed = s3_bucket(moto_server), []
     with dask_cluster(env, tmp_path) as address:
-        done = _run(tmp_path, env, root, f"task_runner: dask, dask_address: '{address}'", kill_a_shard_worker(root, lambda: _dask_shard_worker(address), killed))
+        done = _run(tmp_path, env, root, {"task_runner": "dask", "dask_address": address}, kill_a_shard_worker(root, lambda: _dask_shard_worker(address), killed))
         logs = "".join((tmp_path / f"dask-worker-{i}.log").read_text() for i in range(2))
     assert done.returncode == 0, done.stdout[-4000:]
     assert killed, "no Dask worker was seen processing a shard"

@@ -64,9 +64,17 @@ def _sampling(cfg, temperature: float) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens)
 
 
-def _train_memory(cfg: Any) -> dict[str, Any]:
-    """The training calls' memory settings (TRAIN_COST: they never change a result)."""
-    return {"max_forward_tokens": cfg.training.max_forward_tokens, "activation_checkpointing": cfg.training.activation_checkpointing}
+def _train(ctx: Context, fn: Callable, *args: Any, seed: int):
+    """``fn(*args, ctx.workdir, ...)`` (train_sft, train_ipr) on training.processes
+    processes, with the stage's precision, progress label and memory settings
+    (TRAIN_COST: they never change a result)."""
+    from ipr_core.training.launch import run_processes
+
+    t = ctx.cfg.training
+    return run_processes(
+        fn, t.processes, *args, ctx.workdir, seed=seed, precision=t.precision, progress=ctx.label,
+        max_forward_tokens=t.max_forward_tokens, activation_checkpointing=t.activation_checkpointing,
+    )  # fmt: skip
 
 
 def _episodes(ctx: Context, model_uri: str, specs, temperature: float, on_episode=None) -> tuple[list[Trajectory], dict[str, int]]:
@@ -178,16 +186,12 @@ def base_model(ctx: Context, experts_uri: str) -> Folder:
 @stage("sft", path="sft/model", kind="checkpoint", reads=("seed", "training.sft", "training.precision", "training.processes", "sampling.history_turns"), cost=TRAIN_COST, needs="training")
 def sft(ctx: Context, base_uri: str, experts_uri: str) -> Folder:
     """Stage 0 (Eq. 1-2): NLL on the successful expert trajectories' assistant turns."""
-    from ipr_core.training.launch import run_processes
     from ipr_core.training.sft import train_sft
 
     cfg = ctx.cfg
     experts = successful(read_trajectories(experts_uri))
     base = str(store.read_checkpoint(base_uri))
-    result = run_processes(
-        train_sft, cfg.training.processes, base, experts, cfg.training.sft, cfg.sampling.history_turns, ctx.workdir,
-        seed=cfg.seed, precision=cfg.training.precision, progress=ctx.label, **_train_memory(cfg),
-    )  # fmt: skip
+    result = _train(ctx, train_sft, base, experts, cfg.training.sft, cfg.sampling.history_turns, seed=cfg.seed)
     return Folder(ctx.workdir, result.summary())
 
 
@@ -362,15 +366,12 @@ def pairs(ctx: Context, experts_uri: str, branches_uris: list[str], expert_rewar
 def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, experts_uri: str, iteration: int) -> Folder:
     """Stage 4 (Eq. 10): outcome-DPO + step-DPO + SFT, starting from the previous policy."""
     from ipr_core.training.ipr_trainer import train_ipr
-    from ipr_core.training.launch import run_processes
 
     cfg = ctx.cfg
     policy, reference = (str(store.read_checkpoint(u)) for u in (policy_uri, reference_uri))
     experts = successful(read_trajectories(experts_uri))
-    result = run_processes(
-        train_ipr, cfg.training.processes, policy, reference, store.read_rows(pairs_uri, "pairs"), experts, cfg.training.ipr, cfg.sampling.history_turns, ctx.workdir,
-        seed=cfg.seed + iteration, precision=cfg.training.precision, progress=ctx.label, **_train_memory(cfg),
-    )  # fmt: skip
+    pairs_rows = store.read_rows(pairs_uri, "pairs")
+    result = _train(ctx, train_ipr, policy, reference, pairs_rows, experts, cfg.training.ipr, cfg.sampling.history_turns, seed=cfg.seed + iteration)
     return Folder(ctx.workdir, result.summary())
 
 

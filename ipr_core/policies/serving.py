@@ -21,15 +21,17 @@ Modes (``model.server.mode``):
 - ``reload``: like managed, but an idle server is given C's weights in place
   (vLLM's ``reload_weights`` through ``/collective_rpc``, needs
   ``VLLM_SERVER_DEV_MODE=1``, set here) and its prefix cache is reset, instead
-  of starting a new process. Its served name stays that of the checkpoint it
-  was started on, so the identity recorded is the one this process loaded,
-  with the reload and the reset the server acknowledged.
+  of starting a new process. Its served name is a slot name, since the
+  weights behind it change, so the identity recorded is the checkpoint this
+  process loaded into it, with the reload and the reset the server
+  acknowledged.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -83,16 +85,26 @@ def listed_models(base_url: str, timeout_s: float = 10.0) -> list[dict]:
     return list(r.json().get("data") or [])
 
 
-def _identity(base_url: str, name: str, mode: str) -> dict[str, Any] | None:
-    """What the server reports for ``name``, or None when it does not list it."""
+def _listing(base_url: str) -> list[dict] | str:
+    """The server's models, or why it could not say."""
     try:
-        models = listed_models(base_url)
-    except (httpx.HTTPError, ValueError):
-        return None
-    for m in models:
+        return listed_models(base_url)
+    except (httpx.HTTPError, ValueError) as e:
+        return f"unreachable ({type(e).__name__})"
+
+
+def _identity(base_url: str, name: str, mode: str, models: list[dict] | str | None = None) -> dict[str, Any] | None:
+    """What the server reports for ``name`` (in ``models``, else asked now), or None when it does not list it."""
+    models = _listing(base_url) if models is None else models
+    for m in models if isinstance(models, list) else ():
         if m.get("id") == name:
             return {"mode": mode, "url": base_url, "served_model": name, "root": m.get("root"), "listed": [x.get("id") for x in models]}
     return None
+
+
+def external_urls(model_cfg: Any) -> list[str]:
+    """The external servers: ``model.server.urls``, else ``model.openai.base_url``."""
+    return model_cfg.server.urls or [model_cfg.openai.base_url]
 
 
 def check_external(urls: list[str], digest: str, uri: str) -> Served:
@@ -100,13 +112,11 @@ def check_external(urls: list[str], digest: str, uri: str) -> Served:
     name = served_name(digest)
     seen = {}
     for url in urls:
-        ident = _identity(url, name, "external")
+        models = _listing(url)
+        ident = _identity(url, name, "external", models)
         if ident is not None:
             return Served(url, name, {**ident, "checkpoint_digest": digest})
-        try:
-            seen[url] = [m.get("id") for m in listed_models(url)]
-        except (httpx.HTTPError, ValueError) as e:
-            seen[url] = f"unreachable ({type(e).__name__})"
+        seen[url] = [m.get("id") for m in models] if isinstance(models, list) else models
     raise ServerError(
         f"model.server.urls: no server serves checkpoint {uri} (served name {name!r}); they serve {seen}. "
         f"Start its server with --served-model-name {name}, or use model.server.mode=managed"
@@ -145,7 +155,6 @@ class Server:
     log_path: Path
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    reloads: int = 0
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -265,7 +274,7 @@ def reload_weights(server: Server, local_dir: str, digest: str) -> dict[str, Any
     _post(server, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": local_dir}})
     t1 = time.monotonic()
     _post(server, "/reset_prefix_cache")
-    server.loaded, server.reloads = digest, server.reloads + 1
+    server.loaded = digest
     return {"reload_s": round(t1 - t0, 3), "reset_s": round(time.monotonic() - t1, 3), "prefix_cache_reset": True}
 
 
@@ -280,7 +289,9 @@ class ServerPool:
         atexit.register(self.stop_all)
 
     def acquire(self, local_dir: Callable[[], str], digest: str) -> tuple[Server, dict[str, Any]]:
-        """A server holding ``digest``'s weights, and how it got them."""
+        """A server holding ``digest``'s weights, and how it got them. ``local_dir``
+        fetches the checkpoint (only when a server must load it; once)."""
+        local_dir = functools.cache(local_dir)
         with self.lock:
             for s in [s for s in self.servers if not s.alive()]:
                 log.warning("the server for %s died (status %s); starting it again", s.loaded, s.proc.returncode)
@@ -342,7 +353,7 @@ def check_servers(model_cfg: Any) -> None:
 
     sv = model_cfg.server
     if sv.mode == "external":
-        for url in sv.urls or [model_cfg.openai.base_url]:
+        for url in external_urls(model_cfg):
             try:
                 listed_models(url, timeout_s=10.0)
             except (httpx.HTTPError, ValueError) as e:
@@ -362,7 +373,6 @@ def check_servers(model_cfg: Any) -> None:
         )
 
 
-
 def spec_of(server_cfg: Any) -> ServerSpec:
     """The ServerSpec of ``model.server``."""
     python = server_cfg.python or os.environ.get("IPR_VLLM_PYTHON") or "python3"
@@ -378,7 +388,7 @@ def connect(model_cfg: Any, uri: str) -> tuple[Served, Callable[[], None]]:
 
     sv, digest = model_cfg.server, store.digest(uri)
     if sv.mode == "external":
-        return check_external(sv.urls or [model_cfg.openai.base_url], digest, uri), lambda: None
+        return check_external(external_urls(model_cfg), digest, uri), lambda: None
     spec = spec_of(sv)
     pool = process_wide(("model-servers", spec), lambda: ServerPool(spec))
     server, how = pool.acquire(lambda: str(store.read_checkpoint(uri)), digest)

@@ -11,10 +11,12 @@ the result back. On a GPU node each rank takes ``cuda:LOCAL_RANK`` of the GPUs
 the process was given (Ray sets ``CUDA_VISIBLE_DEVICES`` for a task); on CPU
 the ranks talk over gloo.
 
-The processes are the launcher's process group: a failure in any rank ends the
-call with ``TrainingError`` and the tail of their output, and an error in the
-caller (a Prefect cancel, Ctrl-C) kills the group, so no rank outlives its
-stage. Torch's threads are split between the ranks.
+The processes are the launcher's process group: an exception in rank 0 is
+raised again in the caller (the same type a one-process call raises), any
+other failure ends the call with ``TrainingProcessesError`` and the tail of
+the ranks' output, and an error in the caller (a Prefect cancel, Ctrl-C) kills
+the group, so no rank outlives its stage. Torch's threads are split between
+the ranks.
 """
 
 from __future__ import annotations
