@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[all,dev]"
+	# PATH: fast-downward-textworld (ALFWorld's planner) builds from source and
+	# runs `python build.py`, which must be this venv's python.
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PIP) install -q -e ".[all,dev]"
 	touch $(STAMP)
 
 demo: setup
