@@ -229,9 +229,10 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     pairs = [n for n in nodes if n.stage == "pairs"]
     agent = {n.iteration: store.join(st.run, dict(n.inputs)["agent_rewards_uri"]) for n in pairs}
     links = {"best model": best[1], "SFT model": store.join(st.run, "sft/model"), "expert step rewards": expert_rewards}
+    notes = summary.run_data_notes(st.run, nodes, cfg.env.name)
     md, md_uri = rep.write_report(
         store.join(st.run, "report"), cfg.run_name, rows, [r["reward"] for r in store.read_rows(expert_rewards, "step_rewards")],
-        {k: [r["reward"] for r in store.read_rows(u, "step_rewards")] for k, u in agent.items()}, best_text(best), links,
+        {k: [r["reward"] for r in store.read_rows(u, "step_rewards")] for k, u in agent.items()}, best_text(best), links, notes,
     )  # fmt: skip
     create_markdown_artifact(md, key=artifact_key(cfg.run_name, "report"), description=f"IPR run report ({md_uri})")
     create_table_artifact([rep.rounded(r) for r in rows], key=artifact_key(cfg.run_name, "summary"), description="Held-out results per model")

@@ -219,18 +219,20 @@ def _experiment_report(args: argparse.Namespace, exp) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from ipr_core.experiment import read_experiment
-    from ipr_core.pipeline.summary import result_rows
+    from ipr_core.pipeline.summary import result_rows, run_data_notes
     from ipr_core.report import iteration_table
 
     exp = read_experiment(args.run)
     if exp is not None:
         return _experiment_report(args, exp)
 
-    run, nodes = _run_nodes(_saved_config(args.run))
+    cfg = _saved_config(args.run)
+    run, nodes = _run_nodes(cfg)
     rows = result_rows(run, nodes)
     best, note = best_model(run, nodes, rows) if rows else (None, "no evaluations yet")
+    data = run_data_notes(run, nodes, cfg.env.name)
     if args.json:
-        print(json.dumps({"run": run, "rows": rows, "best": best, "note": note}, indent=2))
+        print(json.dumps({"run": run, "rows": rows, "best": best, "note": note, "data_notes": data}, indent=2))
         return 0 if rows else 1
     if not rows:
         print(f"no evaluations yet in {run}", file=sys.stderr)
@@ -241,6 +243,8 @@ def _report(args: argparse.Namespace) -> int:
         print(f"best: {best['model']} (test mean reward {best['mean_reward']:.3f}{val}; chosen on {best['chosen_on']}) at {best['uri']}")
     if note:
         print(f"note: {note}")
+    for line in data:
+        print(line)
     return 0
 
 

@@ -77,9 +77,22 @@ def plots(rows: Sequence[Mapping], expert_rewards: Sequence[float], agent_reward
     return out
 
 
-def markdown(run_name: str, rows: Sequence[Mapping], images: Mapping[str, str], best: str, links: Mapping[str, str]) -> str:
+def data_notes(env: str, task_rows: Sequence[Mapping]) -> list[str]:
+    """What the report must say about the tasks themselves: generated tasks (ALFWorld's
+    generated games carry ``"generated": true`` in their meta) are not the benchmark's."""
+    metas = [json.loads(r["meta"]) if isinstance(r.get("meta"), str) else dict(r.get("meta") or {}) for r in task_rows]
+    generated = sum(bool(m.get("generated")) for m in metas)
+    if not generated:
+        return []
+    return [
+        f"Data: {generated} of the {len(metas)} test tasks are generated games: the {env} engine on tasks generated "
+        "from what its package ships, not the benchmark's instances, so these scores are not comparable with published ones."
+    ]
+
+
+def markdown(run_name: str, rows: Sequence[Mapping], images: Mapping[str, str], best: str, links: Mapping[str, str], notes: Sequence[str] = ()) -> str:
     """The run report; images are data: URIs so the UI page is self-contained."""
-    lines = [f"# IPR run `{run_name}`", "", f"Best model: **{best}**", "", "| model | test success | test mean reward | val success | val mean reward | outcome pairs | step pairs | train loss | train steps | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# IPR run `{run_name}`", ""] + [line for n in notes for line in (n, "")] + [f"Best model: **{best}**", "", "| model | test success | test mean reward | val success | val mean reward | outcome pairs | step pairs | train loss | train steps | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(key, fmt):
             return _cell(r, key, fmt)
@@ -117,15 +130,16 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def write_report(report_uri: str, run_name: str, rows: Sequence[Mapping], expert_rewards, agent_rewards, best: str, links: Mapping[str, str]) -> tuple[str, str]:
+def write_report(report_uri: str, run_name: str, rows: Sequence[Mapping], expert_rewards, agent_rewards, best: str, links: Mapping[str, str], notes: Sequence[str] = ()) -> tuple[str, str]:
     """Write PNGs, report.md and summary.json under ``report_uri``; returns (markdown, md uri)."""
     pngs = plots(rows, expert_rewards, agent_rewards)
     for name, data in pngs.items():
         store.write_bytes(store.join(report_uri, name), data)
-    md = markdown(run_name, rows, {n: data_uri(d) for n, d in pngs.items()}, best, links)
+    md = markdown(run_name, rows, {n: data_uri(d) for n, d in pngs.items()}, best, links, notes)
     md_uri = store.join(report_uri, "report.md")
     store.write_bytes(md_uri, md.encode())
-    store.write_bytes(store.join(report_uri, "summary.json"), json.dumps({"run": run_name, "best": best, "rows": list(rows), "links": dict(links)}, indent=2).encode())
+    summary = {"run": run_name, "best": best, "rows": list(rows), "links": dict(links), "notes": list(notes)}
+    store.write_bytes(store.join(report_uri, "summary.json"), json.dumps(summary, indent=2).encode())
     return md, md_uri
 
 

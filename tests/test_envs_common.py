@@ -87,7 +87,15 @@ def test_make_env_passes_options_and_max_steps(babyai):
 
 # --- typed options, checked before anything runs ----------------------------------------------
 
-ADAPTERS = ["babyai", "intercode_sql", "scienceworld", "textworld_express"]
+ADAPTERS = ["alfworld", "babyai", "intercode_sql", "scienceworld", "textworld_express"]
+
+
+@pytest.fixture(autouse=True)
+def alfworld_data(tmp_path, monkeypatch):
+    """An (empty) ALFWorld data folder in $ALFWORLD_DATA: the adapter's defaults need games to point at."""
+    (tmp_path / "alfworld" / "json_2.1.1" / "train").mkdir(parents=True)
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "alfworld"))
+    return tmp_path / "alfworld"
 
 
 @pytest.fixture
@@ -124,12 +132,13 @@ def test_unknown_environment_names_the_valid_ones(nothing_is_built):
         with pytest.raises(ConfigError) as e:
             call("babyia")
         assert isinstance(e.value, ValueError)
-        assert str(e.value) == "unknown environment 'babyia' (did you mean 'babyai'?); valid names: babyai, intercode_sql, scienceworld, textworld_express"
+        assert str(e.value) == "unknown environment 'babyia' (did you mean 'babyai'?); valid names: alfworld, babyai, intercode_sql, scienceworld, textworld_express"
 
 
 @pytest.mark.parametrize(
     "name, valid",
     [
+        ("alfworld", "data, expert, max_steps, shelf_games, task_types"),
         ("babyai", "actions, level, max_steps"),
         ("textworld_express", "game, game_params, heap, max_steps"),
         ("scienceworld", "heap, include_stochastic, max_steps, simplification, task_names, valid_actions"),
@@ -155,6 +164,8 @@ def test_unknown_option_key_names_adapter_key_and_valid_keys(name, valid, nothin
         ("babyai", {"actions": ["fly"]}, "environment 'babyai', option 'actions': unknown BabyAI actions ['fly']; choose from ['turn left', 'turn right', 'move forward', 'pick up', 'drop', 'toggle']"),
         ("babyai", {"max_steps": 0}, "environment 'babyai', option 'max_steps': Input should be greater than or equal to 1 (got 0)"),
         ("babyai", {"max_steps": "many"}, "environment 'babyai', option 'max_steps': Input should be a valid integer, unable to parse string as an integer (got \"many\")"),
+        ("alfworld", {"task_types": "pick_and_place,pick_two_obj_and_place"}, "environment 'alfworld', option 'task_types': unknown ALFWorld task types ['pick_and_place']; choose from ['pick_and_place_simple', "),
+        ("alfworld", {"data": "/nonexistent/games"}, "environment 'alfworld': option 'data': no ALFWorld split folders (train, valid_seen, valid_unseen) under /nonexistent/games; expected the official layout"),
         ("textworld_express", {"game": "zork"}, "environment 'textworld_express', option 'game': unknown TextWorld-Express game 'zork'; choose from ['cookingworld', 'twc', 'coin', "),
         ("textworld_express", {"heap": "2 GB"}, "environment 'textworld_express', option 'heap': heap must be a JVM size such as 256m or 2g (-Xmx; '' for no cap), got '2 GB'"),
         ("scienceworld", {"task_names": "boil,boil-everything"}, "environment 'scienceworld', option 'task_names': unknown ScienceWorld tasks ['boil-everything']; choose from ["),

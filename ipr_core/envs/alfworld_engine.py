@@ -42,7 +42,7 @@ import random
 import re
 import sys
 import threading
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -111,15 +111,17 @@ def import_alfworld() -> dict[str, Any]:
 _ENGINE_LOCK = threading.RLock()
 
 
-def _fresh_state(pristine: Any) -> Any:
-    """A PddlState equal to ``pristine`` (as built from the problem), without translating the PDDL again.
+def _fresh_state(pristine: Any, downward_lib: Any) -> Any:
+    """A PddlState equal to ``pristine`` (as built from the problem) on ``downward_lib``, without translating the PDDL again.
 
     The translated task and SAS text are read-only after construction; only the
     fact containers change during play (copied here as ``State.copy`` does), and
     the planner library's state is reloaded from the SAS text, as a new
-    PddlState would.
+    PddlState would. ``downward_lib`` is the engine's own copy of the planner
+    library (its state is global to the copy).
     """
     state = copy.copy(pristine)
+    state.downward_lib = downward_lib
     state._facts = defaultdict(set, {k: set(v) for k, v in pristine._facts.items()})
     state._vars_by_name = dict(pristine._vars_by_name)
     state._vars_by_type = defaultdict(set, {k: set(v) for k, v in pristine._vars_by_type.items()})
@@ -130,21 +132,83 @@ def _fresh_state(pristine: Any) -> Any:
     return state
 
 
+class _Template:
+    """What loading a game builds that play never changes: the game file's data, the parsed
+    grammar and logic (GameLogic) and the state translated from the PDDL problem."""
+
+    def __init__(self, data: dict, logic: Any, pristine: Any):
+        self.data, self.logic, self.pristine = data, logic, pristine
+
+
+class GameTemplates:
+    """Translated games of a process, so that a second engine on the same game skips the
+    grammar parse and the PDDL translation (most of a load's second); least recently
+    used first out beyond ``capacity``. Keyed by path, size and mtime: an edited file loads again."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, _Template] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(path: str) -> tuple:
+        st = os.stat(path)
+        return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+    def get(self, key: tuple) -> _Template | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def put(self, key: tuple, template: _Template) -> None:
+        with self._lock:
+            self._items[key] = template
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+def game_templates() -> GameTemplates:
+    from ipr_core.resources import process_wide
+
+    return process_wide(("alfworld-templates",), GameTemplates)
+
+
 @functools.cache  # a class factory, not state: the class is built once, on first use
 def _fast_reset_env_class() -> type:
     m = import_alfworld()
 
     class FastResetPddlEnv(m["PddlEnv"]):  # type: ignore[misc, valid-type]
-        """PddlEnv whose reset restores the state built at load: PddlEnv.reset translates the
-        same PDDL again (two fast_downward translations, ~0.7 s of a 0.75 s reset)."""
+        """PddlEnv that translates a game once per process and whose reset restores the state
+        built at load: PddlEnv.reset translates the same PDDL again (two fast_downward
+        translations, ~0.7 s of a 0.75 s reset), and so does every load of the same game."""
 
         def load(self, filename_or_data: Any) -> None:
-            super().load(filename_or_data)
-            self._pristine = self._pddl_state
+            if not isinstance(filename_or_data, (str, os.PathLike)):
+                super().load(filename_or_data)
+                self._pristine = self._pddl_state
+                return
+            path = str(filename_or_data)
+            key, templates = GameTemplates.key(path), game_templates()
+            template = templates.get(key)
+            if template is None:
+                super().load(path)
+                templates.put(key, _Template(self._game_data, self._logic, self._pddl_state))
+                self._pristine = self._pddl_state
+                return
+            # PddlEnv.load with the parse and the translation taken from the template.
+            self._game_file, self._game_data, self.walkthrough = path, template.data, template.data.get("walkthrough")
+            self._logic, self._pristine = template.logic, template.pristine
+            self._pddl_state = _fresh_state(template.pristine, self.downward_lib)
+            self._entity_infos = self._get_entity_infos()
 
         def reset(self) -> Any:
             # textworld 1.7's PddlEnv.reset, with the state restored instead of rebuilt.
-            self._pddl_state = _fresh_state(self._pristine)
+            self._pddl_state = _fresh_state(self._pristine, self.downward_lib)
             self.prev_state, self.state = None, m["textworld"].core.GameState()
             self._last_action, self._moves = None, 0
             context = {"state": self._pddl_state, "facts": list(self._pddl_state.facts), "variables": {}, "mapping": {},

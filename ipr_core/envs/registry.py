@@ -153,6 +153,7 @@ _REGISTRY: dict[str, EnvDecl] = {
     "textworld_express": EnvDecl("ipr_core.envs.twx:TextWorldExpressEnv", "ipr_core.envs.twx:TextWorldExpressOptions"),
     "scienceworld": EnvDecl("ipr_core.envs.scienceworld:ScienceWorldEnv", "ipr_core.envs.scienceworld:ScienceWorldOptions"),
     "intercode_sql": EnvDecl("ipr_core.envs.intercode_sql:InterCodeSQLEnv", "ipr_core.envs.intercode_sql:InterCodeSQLOptions"),
+    "alfworld": EnvDecl("ipr_core.envs.alfworld:ALFWorldEnv", "ipr_core.envs.alfworld:ALFWorldOptions"),
 }
 
 

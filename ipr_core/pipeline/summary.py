@@ -138,3 +138,14 @@ def best(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str, st
     if base is not None and base[key] > top[key]:
         notes.append(f"the untrained base model scored higher ({base[key]:.3f}, {on})")
     return top, on, "; ".join(notes) or None
+
+
+def run_data_notes(run: str, nodes: Sequence[Node], env: str) -> list[str]:
+    """The report's notes on the test tasks themselves (e.g. generated games), read from the run."""
+    from ipr_core.report import data_notes
+
+    test = next((n for n in nodes if n.stage == "eval-tasks" and dict(n.params).get("split") == "test"), None)
+    uri = store.join(run, test.key) if test is not None else None
+    if uri is None or store.read_manifest(uri) is None:
+        return []
+    return data_notes(env, store.read_rows(uri, "tasks"))
