@@ -10,6 +10,11 @@ process that runs the simulator (the JVM's RSS for JVM-backed environments,
 "in-process" otherwise: BabyAI lives in the caller's Python process). Entries whose package or service
 is missing are reported as skipped, so more environments plug in by adding a
 spec; InterCode-SQL has one per backend (``intercode_sql_specs``).
+
+ALFWorld reads $ALFWORLD_DATA when set, else games generated once into
+``~/.cache/ipr-flow/bench-alfworld`` (``alfworld_data``); its "start-up" is
+the first listing, and loading a game (the first reset of each task) is timed
+on its own, with the memory each loaded game adds to this process.
 """
 
 from __future__ import annotations
@@ -53,6 +58,54 @@ def intercode_sql_specs(mysql_url: str | None = None, task_file: str | Path | No
     ]
 
 
+def alfworld_data() -> str:
+    """$ALFWORLD_DATA, else 24 generated games (4 per task type, within the 20-step limit), made once."""
+    if os.environ.get("ALFWORLD_DATA"):
+        return os.environ["ALFWORLD_DATA"]
+    from ipr_core.envs.alfworld_gen import GEN_VERSION, generate_games
+
+    root = Path.home() / ".cache" / "ipr-flow" / f"bench-alfworld-g{GEN_VERSION}"
+    if not (root / "json_2.1.1").is_dir():
+        part = root.with_name(root.name + f".partial-{os.getpid()}")
+        generate_games(part / "json_2.1.1", seed=0, n={"train": 24}, max_steps=20, progress=True)
+        part.rename(root)
+    return str(root)
+
+
+def alfworld_loads(data: str, n_games: int = 8) -> dict[str, float]:
+    """Seconds to load a game (grammar parse + PDDL translation), to load it again in the same
+    process (a second engine: the translation is reused), and MB of this process per loaded game (medians)."""
+    import gc
+
+    from ipr_core.envs.alfworld import _data_root, scan_games
+    from ipr_core.envs.alfworld_engine import game_templates, open_game
+
+    root = _data_root(data)
+    games = [root / g.rel / "game.tw-pddl" for g in scan_games(root, "train")[:n_games]]
+    open_game(games[0], expert=None).reset()  # imports and first-use costs out of the timings
+    game_templates().clear()  # the benchmark's episodes translated these games already
+    kept, loads, again, growth = [], [], [], []
+    for g in games:
+        gc.collect()
+        before, t = _rss(), time.perf_counter()
+        kept.append(open_game(g, expert=None))
+        kept[-1].reset()
+        loads.append(time.perf_counter() - t)
+        gc.collect()
+        growth.append(((_rss() or 0) - (before or 0)) / 2**20)
+        t = time.perf_counter()
+        kept.append(open_game(g, expert=None))
+        kept[-1].reset()
+        again.append(time.perf_counter() - t)
+    return {"load_s": statistics.median(loads), "again_s": statistics.median(again), "mb_per_game": statistics.median(growth)}
+
+
+def alfworld_specs() -> list[EnvSpec]:
+    """ALFWorld's train games (ImportError without the alfworld extra)."""
+    label = "alfworld" if os.environ.get("ALFWORLD_DATA") else "alfworld (generated games)"
+    return [EnvSpec(label, "alfworld", {"data": alfworld_data()}, 20)]  # of 24: the train split leaves out the dev slice
+
+
 ENV_SPECS: list[EnvSpec] = [
     EnvSpec("babyai GoToRedBallNoDists", "babyai", {"level": "BabyAI-GoToRedBallNoDists-v0"}, 100),
     EnvSpec("babyai GoToObj", "babyai", {"level": "BabyAI-GoToObj-v0"}, 100),
@@ -65,6 +118,7 @@ ENV_SPECS: list[EnvSpec] = [
     EnvSpec("scienceworld (27 tasks x 1 variation)", "scienceworld", {}, 27),
     *intercode_sql_specs(),  # the MariaDB entry needs $IPR_MYSQL_URL, else it is reported as skipped
 ]
+LAZY_SPECS = {"alfworld": alfworld_specs}  # built only when run: they may generate data first
 MIN_STEPS = 200
 
 
@@ -137,14 +191,22 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma-separated registry names to run (default: all)")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
-    rows, skipped = [], []
-    for spec in ENV_SPECS:
+    rows, skipped, loads = [], [], {}
+    lazy: list[EnvSpec] = []
+    for name, make in LAZY_SPECS.items():
+        try:
+            lazy += make() if not only or name in only else []
+        except ImportError as e:
+            skipped.append((name, f"ImportError: {e}"))
+    for spec in ENV_SPECS + lazy:
         if only and spec.env not in only:
             continue
         n = max(2, spec.n_tasks // 4) if args.quick else spec.n_tasks
         print(f"... {spec.label} ({n} tasks)", file=sys.stderr, flush=True)
         try:
             rows.append(bench(spec, n))
+            if spec.env == "alfworld":
+                loads[spec.label] = alfworld_loads(spec.options["data"])
         except (ImportError, EnvError, ConnectionError, OSError, ValueError) as e:
             skipped.append((spec.label, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
     print(f"\nEnvironment benchmark ({os.cpu_count()} CPUs, medians; step = expert actions, >= {MIN_STEPS} timed)\n")
@@ -158,6 +220,9 @@ def main() -> int:
         )
     for label, why in skipped:
         print(f"| {label} | skipped: {why} | | | | | | | |")
+    for label, r in loads.items():  # in-process engines whose games are loaded per task
+        print(f"\n{label}: loading a game {r['load_s']:.2f} s, a second engine on it {r['again_s'] * 1e3:.0f} ms (medians); "
+              f"{r['mb_per_game']:.1f} MB of this process per loaded game")
     return 0
 
 

@@ -236,3 +236,22 @@ def test_fast_reset_plays_exactly_like_the_stock_engine(generated):
     fast = engine.open_game(out / g.path, expert=None)
     assert episode(fast) == expected and episode(fast) == expected  # the second reset starts clean too
     assert expected[-2][2] is True
+
+
+def test_cli_writes_the_official_layout_and_refuses_to_overwrite(tmp_path):
+    import subprocess
+
+    from conftest import ROOT
+
+    ipr = [sys.executable, "-m", "ipr_cli.main", "data", "alfworld-games", "--out", str(tmp_path / "games")]
+    done = subprocess.run(ipr + ["--n", "train=2", "--task-types", "pick_and_place_simple", "--max-expert-steps", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    listing = json.loads((tmp_path / "games" / "games.json").read_text())
+    assert len(listing["games"]) == 2 and listing["seed"] == 0 and listing["generator"] == gen.GEN_VERSION
+    assert sorted(p.name for p in (tmp_path / "games").iterdir()) == ["games.json", "json_2.1.1"]  # no partial folder left
+    assert len(list((tmp_path / "games" / "json_2.1.1" / "train").glob("*/*/game.tw-pddl"))) == 2
+    again = subprocess.run(ipr + ["--n", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and again.stderr.strip().splitlines()[-1].startswith("ipr: error: --out ")
+    bad = subprocess.run(ipr[:-1] + [str(tmp_path / "other"), "--n", "train=two"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "ipr: error: --n 'train=two'" in bad.stderr and not (tmp_path / "other" / "json_2.1.1").exists()
