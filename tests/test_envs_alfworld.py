@@ -273,3 +273,25 @@ def test_pipeline_on_generated_games_completes_and_says_the_data_is_generated(da
     assert summary["notes"] and summary["notes"][0].startswith(note)
     assert note in (run / "report" / "report.md").read_text()
     assert report.returncode == 0 and note in report.stdout, report.stdout + report.stderr
+
+
+def test_loading_a_game_prints_nothing_even_when_print_is_a_logger(data):
+    """Prefect's log_prints replaces builtins.print: the translator's progress must not reach it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    game = next((data / "json_2.1.1" / "valid_seen").glob("*/*/game.tw-pddl"))
+    script = (
+        "import builtins, sys\n"
+        "seen, real = [], builtins.print\n"
+        # as Prefect's print_as_log: prints to stdout are logged, prints to a file are printed
+        "builtins.print = lambda *a, **k: seen.append(a) if k.get('file') in (None, sys.stdout) else real(*a, **k)\n"
+        "from ipr_core.envs.alfworld_engine import open_game\n"
+        f"open_game({str(game)!r}, expert='handcoded').reset()\n"
+        "sys.stdout.write(f'{len(seen)} {seen[:2]}')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("0 "), out.stdout[:300]

@@ -89,10 +89,32 @@ def as_03(command: str) -> str:
     return f"put {m[1]} in/on {m[2]}" if m else command
 
 
+def _stdout_print(*args: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None, flush: bool = False) -> None:
+    (file or sys.stdout).write((sep if sep is not None else " ").join(map(str, args)) + (end if end is not None else "\n"))
+
+
+def _quiet_translator() -> None:
+    """Keep fast_downward's translator quiet in every process.
+
+    The translator reports progress with ``print`` and fast_downward hides it
+    by swapping ``sys.stdout`` for a buffer. A ``print`` that does not write to
+    ``sys.stdout`` escapes that: Prefect's ``log_prints`` replaces the builtin
+    with a logger, and each game load then logged a hundred lines. The
+    translator's modules get their own ``print`` that writes to ``sys.stdout``.
+    """
+    sys.argv = ["translate.py", "domain", "task"]  # its options module parses argv on import (caller restores it)
+    import fast_downward.translate.translate  # noqa: F401  (imports the other translator modules)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fast_downward.translate") and module is not None:
+            module.print = _stdout_print  # type: ignore[attr-defined]
+
+
 def import_alfworld() -> dict[str, Any]:
     """alfworld's and textworld's pieces the engine needs, imported with the side effects contained."""
     set_data_dir()
     with keep_argv():
+        _quiet_translator()
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredExpertType, AlfredInfos
         from alfworld.agents.expert import HandCodedAgentTimeout, HandCodedTWAgent
