@@ -13,6 +13,12 @@ Small models cannot hold long histories, so ``history`` keeps only the last H
 steps before the turn being generated (None = the full history, as the paper).
 Generation and training MUST use the same window, so both go through
 ``window`` below: the policy sees exactly the context it is trained on.
+
+One exception, on purpose: an in-context example (``with_example``: a solved
+task before the instruction, the papers' one-shot setting for pretrained
+models) is shown when generating (``render_context``) and left out of
+training data (``trajectory_messages``, which SFT rows and pairs are built
+from), so a trained model learns the task, not the example.
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ from typing import Sequence
 from ipr_core.types import Message, Step
 
 OBS_PREFIX = "Observation: "
+_EXAMPLE_HEAD = "Here is an example of a task solved step by step.\n\n"
+_EXAMPLE_TAIL = "\n\nThat was the example. Now it is your turn.\n\n"
+
+
+def with_example(example: str, instruction: str) -> str:
+    """``instruction`` preceded by an in-context example (what generation shows)."""
+    if _EXAMPLE_TAIL in example:
+        raise ValueError("an in-context example must not contain the text that ends examples")
+    return _EXAMPLE_HEAD + example + _EXAMPLE_TAIL + instruction
+
+
+def without_example(instruction: str) -> str:
+    """``instruction`` with a leading ``with_example`` example removed (what training sees)."""
+    if instruction.startswith(_EXAMPLE_HEAD) and _EXAMPLE_TAIL in instruction:
+        return instruction.split(_EXAMPLE_TAIL, 1)[1]
+    return instruction
 
 
 def observation_message(observation: str) -> Message:
@@ -37,9 +59,11 @@ def step_messages(steps: Sequence[Step], include_last_observation: bool = True) 
     return out
 
 
-def trajectory_messages(system: str, instruction: str, steps: Sequence[Step], include_last_observation: bool = False) -> list[Message]:
-    """The full conversation of a trajectory (the TRL conversational form)."""
-    head: list[Message] = [{"role": "system", "content": system}, {"role": "user", "content": instruction}]
+def trajectory_messages(system: str, instruction: str, steps: Sequence[Step], include_last_observation: bool = False, example: bool = False) -> list[Message]:
+    """The full conversation of a trajectory (the TRL conversational form), as
+    training data has it: an in-context example is dropped unless ``example``."""
+    first = instruction if example else without_example(instruction)
+    head: list[Message] = [{"role": "system", "content": system}, {"role": "user", "content": first}]
     return head + step_messages(steps, include_last_observation)
 
 
@@ -54,8 +78,8 @@ def window(messages: Sequence[Message], end: int, history: int | None) -> list[M
 
 
 def render_context(system: str, instruction: str, steps: Sequence[Step], history: int | None) -> list[Message]:
-    """Messages the policy sees before generating the step after ``steps``."""
-    msgs = trajectory_messages(system, instruction, steps, include_last_observation=True)
+    """Messages the policy sees before generating the step after ``steps`` (an in-context example included)."""
+    msgs = trajectory_messages(system, instruction, steps, include_last_observation=True, example=True)
     return window(msgs, len(msgs), history)
 
 

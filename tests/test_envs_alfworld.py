@@ -204,6 +204,45 @@ def test_a_second_engine_on_a_game_translates_nothing_and_plays_the_same(data, m
     assert together == alone
 
 
+def test_the_in_context_example_is_a_solved_game_of_the_same_type_and_sft_rows_leave_it_out(data):
+    from ipr_core import ipr
+    from ipr_core.conversation import without_example
+
+    env = make_env("alfworld", {"data": str(data), "in_context_example": True})
+    plain = make_env("alfworld", {"data": str(data)})
+    task = env.list_tasks("valid_seen")[0]
+    first = env.reset(task)
+    intro = plain.reset(task)
+    assert first.startswith("Here is an example") and first.endswith(intro) and without_example(first) == intro
+    example = first[: -len(intro)]
+    same_type = [g for g in aw.scan_games(_data(data), "train") if g.task_type == task.meta["task_type"]]
+    assert same_type and f"Your task is to: {_goal(data, same_type[0].rel)}" in example  # a train game, not this task
+    assert example.count("Action: ") == len(env.expert(aw_task(env, same_type[0].rel)))  # the expert's whole game
+    # the episode itself is unchanged: the expert still wins from this first observation on
+    plan = [a for _, a in env.expert(task)]
+    assert [env.step(a).reward for a in plan][-1] == 1.0
+    [traj] = collect_experts(env, [task])
+    assert traj.instruction == first and traj.success
+    [row] = ipr.sft_rows([traj])
+    assert row["messages"][1]["content"] == intro
+    assert env.reset(task) == first  # the same example every time (replays compare first observations)
+    env.close(), plain.close()
+
+
+def _data(data: Path) -> Path:
+    return data / "json_2.1.1"
+
+
+def _goal(data: Path, rel: str) -> str:
+    import json
+
+    return json.loads((_data(data) / rel / "traj_data.json").read_text())["generator"]["task_desc"]
+
+
+def aw_task(env, rel: str):
+    return next(t for t in env.list_tasks("train") + env.list_tasks("dev") if t.task_id == rel)
+
+
 def test_threads_step_different_games_at_once_as_they_would_alone(data):
     tasks = _all_train(make_env("alfworld", {"data": str(data)}))[:4]
 

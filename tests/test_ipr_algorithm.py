@@ -152,6 +152,27 @@ def test_eval_summary_and_sft_rows():
     from_rows(sft, "sft")
 
 
+def test_an_in_context_example_is_shown_when_generating_and_left_out_of_sft_rows_and_pairs():
+    import dataclasses
+
+    from ipr_core.conversation import render_context, with_example, without_example
+    from ipr_core.training.sft import demonstration_messages
+
+    shown = with_example("EXAMPLE TASK\nThought: t\nAction: a\nObservation: o", "INSTR")
+    e = dataclasses.replace(EXPERT, instruction=shown)
+    assert without_example(shown) == "INSTR" and without_example("INSTR") == "INSTR"
+    assert render_context(e.system, e.instruction, e.steps[:1], history=1)[1]["content"] == shown  # generation sees it
+    b = dataclasses.replace(T("it01|e0|j1", ["a", "x", "y"], 0.0, prefix_len=1, source="agent"), instruction=shown)
+    lose = dataclasses.replace(T("it01|e0|j0", ["x", "y"], 0.0, source="agent"), instruction=shown)
+    pairs = ipr.build_pairs([e], [lose, b], _rewards(0.8, 0.2), RULES, 1)
+    assert {p["kind"] for p in pairs} == {"outcome", "step"}
+    plain = ipr.build_pairs([EXPERT], [dataclasses.replace(lose, instruction="INSTR"), dataclasses.replace(b, instruction="INSTR")], _rewards(0.8, 0.2), RULES, 1)
+    assert pairs == plain  # the same pairs as without the example
+    assert ipr.sft_rows([e]) == ipr.sft_rows([EXPERT]) and demonstration_messages(e) == demonstration_messages(EXPERT)
+    with pytest.raises(ValueError, match="must not contain"):
+        with_example(shown, "INSTR")
+
+
 def _branches_around(expert):
     """j >= 1 branches with outcomes below, near and above the expert's (1.0 here)."""
     return [

@@ -38,10 +38,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 from pydantic import BeforeValidator, Field, model_validator
 
+from ipr_core.conversation import OBS_PREFIX, with_example
 from ipr_core.envs.base import ConfiguredEnv, StepResult, Thought, check_split, command_thought, first_n, require_episode, two_part
 from ipr_core.envs.registry import EnvOptions, comma_separated, one_of, subset_of
 from ipr_core.resources import process_wide
@@ -86,6 +87,11 @@ class ALFWorldOptions(EnvOptions):
         "handcoded", description="ALFWorld's handcoded expert (its move/put bug fixed, seeded per task) or the PDDL planner's optimal plan."
     )
     shelf_games: int = Field(16, ge=1, description="Loaded games kept per process for reuse across episodes (each a few MB; loading one costs about a second).")
+    in_context_example: bool = Field(
+        False,
+        description="Show a solved train game of the same task type before each task (the papers' one-shot prompt for pretrained models). "
+        "Generation sees it; SFT data and pairs are built without it.",
+    )
 
     @model_validator(mode="after")
     def _has_games(self) -> "ALFWorldOptions":
@@ -171,6 +177,20 @@ class GameShelf:
                 self._idle.popitem(last=False)
 
 
+class _Examples:
+    """In-context examples of a process, played once each (``make`` runs outside the process-wide lock)."""
+
+    def __init__(self) -> None:
+        self._texts: dict[tuple, str] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, make: Callable[[], str]) -> str:
+        with self._lock:
+            if key not in self._texts:
+                self._texts[key] = make()
+            return self._texts[key]
+
+
 def game_shelf(capacity: int) -> GameShelf:
     """The process's shelf of ``capacity`` loaded games."""
     return process_wide(("alfworld-shelf", capacity), lambda: GameShelf(capacity))
@@ -187,8 +207,8 @@ class ALFWorldEnv(ConfiguredEnv, name="alfworld", options=ALFWorldOptions):
         self.task_types = o.task_types or TASK_TYPES
         self.expert_type = o.expert
         self.max_steps = int(o.max_steps or DEFAULT_MAX_STEPS)
+        self.in_context_example = o.in_context_example
         self._shelf = game_shelf(o.shelf_games)
-        self._scans: dict[str, list[GameEntry]] = {}
         self._engine: Any = None
         self._engine_path = ""
         self._admissible: list[str] = []
@@ -199,12 +219,14 @@ class ALFWorldEnv(ConfiguredEnv, name="alfworld", options=ALFWorldOptions):
         """The games of ``split`` of the selected task types, sorted by path."""
         check_split(self.name, split, SPLITS)
         folder = _FOLDER[split]
-        if folder not in self._scans:
-            self._scans[folder] = scan_games(self.root, folder)
-        keep = [g for g in self._scans[folder] if g.task_type in self.task_types]
+        keep = [g for g in self._scan(folder) if g.task_type in self.task_types]
         if folder == "train":
             keep = [g for g in keep if _in_dev(g.rel) == (split == "dev")]
         return keep
+
+    def _scan(self, folder: str) -> list[GameEntry]:
+        # Once per process and folder: every episode's instance needs the train listing for its example.
+        return process_wide(("alfworld-scan", str(self.root), folder), lambda: scan_games(self.root, folder))
 
     def list_tasks(self, split: str, n: int | None = None, seed: int = 0) -> list[Task]:
         """``n`` games of ``split`` in a seeded order (prefix-stable: a smaller ``n`` is a prefix)."""
@@ -248,7 +270,34 @@ class ALFWorldEnv(ConfiguredEnv, name="alfworld", options=ALFWorldOptions):
         state = self._engine.reset()
         self._admissible = list(state["admissible_commands"])
         self._t, self._done = 0, False
-        return _intro(str(state["feedback"]))
+        intro = _intro(str(state["feedback"]))
+        return with_example(self.example(task), intro) if self.in_context_example else intro
+
+    def example(self, task: Task) -> str:
+        """The in-context example for ``task``: the first train game (by path) of its task type other than
+        its own, played by the expert, as text. Computed once per process and data folder."""
+        ty = str(task.meta.get("task_type", ""))
+        games = [g for g in self._scan("train") if g.task_type == ty and g.rel != task.meta.get("game")]
+        if not games:
+            raise ValueError(f"ALFWorld in_context_example: no other train game of type {ty!r} under {self.root}")
+        examples = process_wide(("alfworld-examples",), _Examples)
+        return examples.get((str(self.root), games[0].rel, self.expert_type), lambda: self._play_example(games[0]))
+
+    def _play_example(self, game: GameEntry) -> str:
+        """A game played by the expert in a fresh engine (this instance's episode is left alone), as
+        ``Thought/Action/Observation`` text."""
+        from ipr_core.envs.alfworld_engine import open_game
+
+        task = Task(game.rel, self.name, "train", derive_seed("alfworld", game.rel) & 0x7FFFFFFF, {"game": game.rel, "task_type": game.task_type})
+        plan = self.expert(task)
+        if not plan:
+            raise ValueError(f"ALFWorld in_context_example: the expert does not win {game.rel}")
+        engine = open_game(self._game_path(task), expert=None)
+        lines = [_intro(str(engine.reset()["feedback"]))]
+        for thought, action in plan:
+            state, _, _ = engine.step(action)
+            lines += [f"Thought: {thought}\nAction: {action}", OBS_PREFIX + " ".join(str(state["feedback"]).split())]
+        return "\n".join(lines)
 
     def _command(self, action: str) -> str:
         """The game's admissible command for ``action`` in either surface form, else ``action``."""

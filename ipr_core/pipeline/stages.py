@@ -179,7 +179,7 @@ def base_model(ctx: Context, experts_uri: str) -> Folder:
     from ipr_core.policies.tiny import build_tiny_model
 
     trajs = read_trajectories(experts_uri)[: cfg.model.tiny.tokenizer_corpus_episodes]
-    corpus = [m["content"] for t in trajs for m in trajectory_messages(t.system, t.instruction, t.steps, include_last_observation=True)]
+    corpus = [m["content"] for t in trajs for m in trajectory_messages(t.system, t.instruction, t.steps, include_last_observation=True, example=True)]
     return Folder(build_tiny_model(cfg.model.tiny, corpus, ctx.workdir / "model", seed=cfg.seed))
 
 
