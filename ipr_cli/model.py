@@ -58,7 +58,7 @@ def tokenizer_corpus(env, tasks, run_seed: int = 0) -> list[str]:
     texts = [env.system_prompt()]
     for t in collect_experts(env, tasks, run_seed=run_seed):
         if t.error is None:
-            texts += [m["content"] for m in trajectory_messages(t.system, t.instruction, t.steps, include_last_observation=True)]
+            texts += [m["content"] for m in trajectory_messages(t.system, t.instruction, t.steps, include_last_observation=True, example=True)]
     return texts
 
 
