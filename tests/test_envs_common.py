@@ -138,7 +138,7 @@ def test_unknown_environment_names_the_valid_ones(nothing_is_built):
 @pytest.mark.parametrize(
     "name, valid",
     [
-        ("alfworld", "data, expert, max_steps, shelf_games, task_types"),
+        ("alfworld", "data, expert, in_context_example, max_steps, shelf_games, task_types"),
         ("babyai", "actions, level, max_steps"),
         ("textworld_express", "game, game_params, heap, max_steps"),
         ("scienceworld", "heap, include_stochastic, max_steps, simplification, task_names, valid_actions"),

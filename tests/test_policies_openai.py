@@ -54,15 +54,17 @@ class FakeServer:
                         time.sleep(1.0)
                         action = 200
                     time.sleep(server.delay_s)
-                    if action == 200:
-                        text = f"Thought: ok\nAction: {body['seed']}-{body['messages'][-1]['content']}"
-                        usage = {"prompt_tokens": 9, "completion_tokens": len(text.split()), "total_tokens": 9 + len(text.split())}
-                        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}], "usage": usage})
-                    else:
-                        self._send(action, {"error": {"message": f"scripted failure {action}", "code": action}}, {"Retry-After": "0"} if action == 429 else {})
                 finally:
+                    # Before the reply is written: once the client has it, it may send its next
+                    # request, which must not find this one still counted.
                     with server.lock:
                         server.in_flight -= 1
+                if action == 200:
+                    text = f"Thought: ok\nAction: {body['seed']}-{body['messages'][-1]['content']}"
+                    usage = {"prompt_tokens": 9, "completion_tokens": len(text.split()), "total_tokens": 9 + len(text.split())}
+                    self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}], "usage": usage})
+                else:
+                    self._send(action, {"error": {"message": f"scripted failure {action}", "code": action}}, {"Retry-After": "0"} if action == 429 else {})
 
             def _send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
