@@ -93,6 +93,7 @@ def _stdout_print(*args: Any, sep: str | None = " ", end: str | None = "\n", fil
     (file or sys.stdout).write((sep if sep is not None else " ").join(map(str, args)) + (end if end is not None else "\n"))
 
 
+@functools.cache  # once per process: it walks sys.modules, and import_alfworld is called per lookup
 def _quiet_translator() -> None:
     """Keep fast_downward's translator quiet in every process.
 
