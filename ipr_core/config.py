@@ -89,17 +89,24 @@ class OpenAIBackendConfig(_Section):
 class ServerConfig(_Section):
     """Who serves each checkpoint to model.backend=openai (docs/models.md, "Serving with vLLM")."""
 
-    mode: Literal["external", "managed", "reload"] = Field(
+    mode: Literal["external", "managed", "reload", "lora"] = Field(
         "external",
         description="external: servers you run (model.server.urls); managed: the pipeline starts a vLLM server per checkpoint on 127.0.0.1 and stops it; "
-        "reload: the pipeline's servers get each new checkpoint's weights in place (vLLM reload_weights + prefix-cache reset).",
+        "reload: the pipeline's servers get each new checkpoint's weights in place (vLLM reload_weights + prefix-cache reset); "
+        "lora: one managed server holds the base of the IPR iterations (the SFT model, also the scorer) and loads each iteration's LoRA adapter at run time, "
+        "selected per request by name (needs training.ipr.lora=true).",
     )  # fmt: skip
     urls: list[str] = Field(default_factory=list, description="external: base URLs of your servers (one per role, e.g. scorer and policy); empty = [model.openai.base_url].")
     python: str | None = Field(None, description="managed/reload: the Python of vLLM's own environment; None = $IPR_VLLM_PYTHON, else python3 on PATH.")
     args: list[str] = Field(default_factory=list, description="managed/reload: extra server flags (on CPU: --gpu-memory-utilization 0.2 --no-enable-chunked-prefill --dtype float32).")
     env: dict[str, str] = Field(default_factory=dict, description="managed/reload: extra environment variables of the server process.")
     start_timeout_s: float = Field(900.0, gt=0, description="managed/reload: seconds a server may take to list its model.")
-    max_servers: int = Field(2, ge=1, description="managed/reload: servers one process keeps at once (the scorer and the policy); the least recently used idle one is stopped or reloaded.")
+    max_servers: int = Field(2, ge=1, description="managed/reload/lora: servers one process keeps at once (the scorer and the policy); the least recently used idle one is stopped or reloaded.")
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        64, description="lora: the server's --max-lora-rank. Iteration k's adapter has rank k x training.ipr.lora_r (it holds every iteration's factors), "
+        "so this must be at least pipeline.iterations x training.ipr.lora_r.",
+    )  # fmt: skip
+    max_loras: int = Field(2, ge=1, description="lora: adapters the server applies within one batch (--max-loras); more stay loaded and are swapped in.")
 
 
 class ModelConfig(_Section):

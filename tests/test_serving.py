@@ -192,3 +192,83 @@ def test_a_managed_server_does_not_outlive_a_killed_pipeline_process(checkpoints
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+# --- lora mode: one base server, each iteration an adapter loaded at run time ----------
+
+
+def adapter_checkpoint(root: Path, name: str, base_uri: str, base_digest: str) -> str:
+    """A checkpoint that carries an adapter on ``base_uri``, as IPR iterations trained with LoRA do."""
+    import json
+
+    d = root / "src" / name
+    (d / "adapter").mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(name.encode())
+    (d / "weights.txt").write_text(f"merged-{name}")
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(name.encode())
+    (d / "adapter" / "weights.txt").write_text(f"adapter-{name}")
+    (d / "adapter" / "ipr_base.json").write_text(json.dumps({"uri": base_uri, "digest": base_digest}))
+    store.write_checkpoint(str(root / "store" / name), d)
+    return str(root / "store" / name)
+
+
+@pytest.fixture
+def adapters(tmp_path, checkpoints):
+    """Two checkpoints (a1, a2) with an adapter on checkpoint a."""
+    return {name: adapter_checkpoint(tmp_path, name, checkpoints["a"], store.digest(checkpoints["a"])) for name in ("a1", "a2")}
+
+
+def test_lora_serves_every_iteration_as_an_adapter_of_one_base_server(checkpoints, adapters):
+    cfg = model_cfg("lora", max_servers=1)
+    base = served_name(store.digest(checkpoints["a"]))
+    with servers(cfg) as pool:
+        scorer, release = connect(cfg, checkpoints["a"])  # no adapter: the checkpoint itself, on a LoRA-enabled server
+        release()
+        assert scorer.model == base and scorer.identity["how"] == "started" and reply(cfg, scorer).endswith("weights-a-7")
+        argv = pool.servers[0].proc.args
+        assert argv[argv.index("--max-lora-rank") + 1] == "64" and "--enable-lora" in argv
+        first, release = connect(cfg, adapters["a1"])
+        ident = first.identity
+        assert ident["pid"] == scorer.identity["pid"] and ident["how"] == "reused" and ident["adapter"] == "loaded"
+        assert first.model == ident["served_model"] == served_name(store.digest(adapters["a1"])) and ident["checkpoint_digest"] == store.digest(adapters["a1"])
+        assert ident["parent"] == ident["base_model"] == base and ident["root"] == str(store.read_checkpoint(adapters["a1"]) / "adapter")
+        assert reply(cfg, first).endswith("weights-a+adapter-a1-7") and reply(cfg, scorer).endswith("weights-a-7")  # selected per request
+        release()
+        again, release = connect(cfg, adapters["a1"])
+        assert again.identity["adapter"] == "reused"
+        release()
+        second, release = connect(cfg, adapters["a2"])
+        assert second.identity["pid"] == scorer.identity["pid"] and reply(cfg, second).endswith("weights-a+adapter-a2-7")
+        release()
+        os.killpg(scorer.identity["pid"], 9)  # a dead server: started again, the adapter loaded again
+        pool.servers[0].proc.wait()
+        revived, release = connect(cfg, adapters["a2"])
+        assert revived.identity["pid"] != scorer.identity["pid"] and revived.identity["adapter"] == "loaded"
+        assert reply(cfg, revived).endswith("weights-a+adapter-a2-7")
+        release()
+
+
+def test_lora_refuses_an_adapter_whose_base_changed_or_is_gone(checkpoints, tmp_path):
+    moved = adapter_checkpoint(tmp_path, "x1", checkpoints["b"], store.digest(checkpoints["a"]))  # b is not what it was trained on
+    gone = adapter_checkpoint(tmp_path, "x2", str(tmp_path / "store" / "nowhere"), store.digest(checkpoints["a"]))
+    cfg = model_cfg("lora", max_servers=1)
+    with servers(cfg) as pool:
+        with pytest.raises(ServerError, match=r"the base its LoRA adapter applies to, .*/b, now holds"):
+            connect(cfg, moved)
+        with pytest.raises(ServerError, match=r"/nowhere, is gone"):
+            connect(cfg, gone)
+        assert not pool.servers  # refused before any server started
+
+
+def test_lora_mode_is_checked_against_the_training_before_work_starts(tmp_path):
+    from ipr_core.config import load_config
+    from ipr_core.pipeline import _lora_serving
+
+    base = {"model": {"backend": "openai", "server": {"mode": "lora"}}, "pipeline": {"iterations": 3}}
+    with pytest.raises(ConfigError, match=r"model\.server\.mode=lora needs training\.ipr\.lora=true"):
+        _lora_serving(load_config(base=base))
+    with pytest.raises(ConfigError, match=r"model\.server\.max_lora_rank=32 is below the last iteration's adapter rank 48"):
+        _lora_serving(load_config(base={**base, "training": {"ipr": {"lora": True, "lora_r": 16}}}, overrides=["model.server.max_lora_rank=32"]))
+    with pytest.raises(ConfigError, match=r"needs model\.backend=openai"):
+        _lora_serving(load_config(base={**base, "model": {"server": {"mode": "lora"}}, "training": {"ipr": {"lora": True}}}))
+    _lora_serving(load_config(base={**base, "training": {"ipr": {"lora": True, "lora_r": 16}}}))  # 3 x 16 <= 64

@@ -268,6 +268,44 @@ def test_lora_trains_adapters_and_saves_a_plain_merged_checkpoint(models, pairs,
     assert not any("embed_tokens" in k or "norm" in k for k in changed)  # frozen outside the adapted linears
 
 
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_iterations_chain_into_one_adapter_that_peft_applies_to_the_first_policy(models, pairs, tmp_path):
+    """Iteration k's adapter = iteration k-1's factors then its own (rank k r, scaling
+    folded in): the base plus that adapter is the merged checkpoint of iteration k,
+    through peft's own loader too; an iteration without pairs adds a zero delta."""
+    peft = pytest.importorskip("peft")
+    from ipr_core.policies.adapters import adapter_dir, read_factors
+
+    base, _ = models
+    cfg = CFG.model_copy(update={"lora": True, "lora_r": 4, "epochs": 2, "batch_size": 4, "w_sft": 0.0})
+    it1, it2, it3 = (tmp_path / f"iter-0{k}" for k in (1, 2, 3))
+    train_ipr(base, base, pairs, [], cfg, HISTORY, it1, seed=0, precision="fp32")
+    train_ipr(it1, it1, pairs, [], cfg, HISTORY, it2, seed=1, precision="fp32")
+    observation_only = [{**pairs[0], "rejected": [{"role": "user", "content": "Observation: nothing"}]}]
+    train_ipr(it2, it2, observation_only, [], cfg, HISTORY, it3, seed=2, precision="fp32")  # no usable pair
+    f1, f2, f3 = (read_factors(d) for d in (it1, it2, it3))
+    assert (f1.rank, f2.rank, f3.rank) == (4, 8, 12)
+    for m, (a1, b1) in f1.by_module.items():  # the chain keeps iteration 1's factors as they were
+        assert torch.equal(f2.by_module[m][0][:4], a1) and torch.equal(f2.by_module[m][1][:, :4], b1)
+    w0, w2, w3 = _weights(base), _weights(it2), _weights(it3)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the zero delta: merged weights unchanged
+    adapted = 0
+    for m, (a, b) in f2.by_module.items():
+        key = m.removeprefix("base_model.model.") + ".weight"
+        torch.testing.assert_close(w0[key] + b @ a, w2[key], atol=2e-5, rtol=1e-4)
+        adapted += not torch.equal(w0[key], w2[key])
+    assert adapted and all(torch.equal(w0[k], w2[k]) for k in w0 if not any(k == m.removeprefix("base_model.model.") + ".weight" for m in f2.by_module))
+    ids = torch.tensor([load_tokenizer(base)("Thought: go right. Action: right")["input_ids"]])
+    served = peft.PeftModel.from_pretrained(load_model(base, "cpu").eval(), str(adapter_dir(it3))).eval()
+    merged = _logits(load_model(it3, "cpu").eval(), ids)
+    torch.testing.assert_close(_logits(served, ids), merged, atol=1e-4, rtol=1e-4)
+    assert (merged - _logits(load_model(base, "cpu").eval(), ids)).abs().max() > 1e-2  # the adapter changes what the model says
+
+
 def test_unusable_pairs(models, pairs, tmp_path, caplog):
     policy, _ = models
     with pytest.raises(ValueError, match="kind"):

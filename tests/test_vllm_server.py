@@ -10,6 +10,9 @@ not installed):
   reset, for each new checkpoint;
 - external: a server that serves another checkpoint makes the stage fail
   before it generates;
+- lora (in-process run, 2 iterations trained with LoRA): one server holds the
+  SFT model, serves it to the scorer, and serves each iteration as a LoRA
+  adapter loaded at run time under the iteration's name;
 
 and each generating stage's manifest records a served identity whose
 checkpoint digest is that of the model the stage was meant to use. Greedy
@@ -197,3 +200,97 @@ def test_reload_swaps_weights_in_one_server_and_external_refuses_another_checkpo
         groups = [srv.proc.pid for srv in pool.servers]
         pool.stop_all()
     assert groups and not any(group_alive(g) for g in groups)
+
+
+def test_lora_serves_the_iterations_as_adapters_of_one_sft_server(tmp_path):
+    from ipr_core.pipeline import run_local
+    from ipr_core.policies.serving import ServerPool, served_name, spec_of
+    from ipr_core.resources import process_wide
+
+    pytest.importorskip("peft")
+    root = tmp_path / "root"
+    base = config(root, "lora", "lora")
+    base["model"]["server"]["max_lora_rank"] = 16
+    base["training"]["ipr"].update({"lora": True, "lora_r": 8, "lr": 0.05, "epochs": 2})  # steps large enough to move the logits
+    base["pipeline"]["iterations"] = 2
+    cfg = load_config(base=base)
+    spec = spec_of(cfg.model.server)
+    pool = process_wide(("model-servers", spec), lambda: ServerPool(spec))
+    try:
+        run_local(cfg)
+        run = store.join(str(root), "lora")
+        served = assert_each_stage_served_its_checkpoint(
+            run, {"eval/test/sft", "scorer/expert_mc/shard-000", "iter-01/explore/shard-000", "iter-02/explore/shard-000", "eval/test/iter-01", "eval/test/iter-02"}
+        )
+        sft = served_name(store.digest(store.join(run, "sft/model")))
+        assert len({s["pid"] for s in served.values()}) == 1  # one server process throughout
+        for key in ("eval/test/iter-01", "iter-02/explore/shard-000", "eval/test/iter-02"):
+            s = served[key]
+            assert s["mode"] == "lora" and s["served_model"] == "ckpt-" + s["checkpoint_digest"] and s["parent"] == s["base_model"] == sft, key
+            assert s["root"].endswith("/adapter"), key
+        assert served["eval/test/sft"]["served_model"] == sft and "parent" not in served["eval/test/sft"]
+        ranks = [adapter_rank(store.read_checkpoint(store.join(run, f"iter-0{k}/model"))) for k in (1, 2)]
+        assert ranks == [8, 16]  # iteration 2's adapter holds both iterations' factors
+
+        # what the server computes with an adapter is the merged checkpoint's, not the base's
+        [server] = pool.servers
+        prompts = ["Thought: I should go to the red ball.\nAction:", "Observation: You see a wall.", "go forward"]
+        for tag in ("iter-01", "iter-02"):
+            name = served[f"eval/test/{tag}"]["served_model"]
+            local = store.read_checkpoint(store.join(run, f"{tag}/model"))
+            got = [server_logprob(server.base_url, name, p) for p in prompts]
+            off_base = max(abs(a - b) for a, b in zip(got, [server_logprob(server.base_url, sft, p) for p in prompts]))
+            assert got == pytest.approx([local_logprob(local, p) for p in prompts], abs=2e-3), tag
+            assert off_base > 5e-2, tag
+
+        # greedy evaluation through the adapters == in-process transformers on the merged checkpoints
+        fields = ("task_id", "outcome_reward", "success", "n_steps")
+        for tag in ("iter-01", "iter-02"):
+            through = sorted(store.read_rows(store.join(run, f"eval/test/{tag}"), "eval"), key=lambda r: r["task_id"])
+            in_process = sorted(merged_eval(cfg, run, tag), key=lambda r: r["task_id"])
+            assert [tuple(r[f] for f in fields) for r in through] == [tuple(r[f] for f in fields) for r in in_process], tag
+    finally:
+        groups = [srv.proc.pid for srv in pool.servers]
+        pool.stop_all()
+    assert groups and not any(group_alive(g) for g in groups)
+
+
+def adapter_rank(checkpoint_dir: Path) -> int:
+    import json
+
+    return json.loads((checkpoint_dir / "adapter" / "adapter_config.json").read_text())["r"]
+
+
+def merged_eval(cfg, run: str, tag: str) -> list[dict]:
+    """The eval rows of checkpoint ``tag``'s merged weights, played in-process on the run's test tasks."""
+    from ipr_core import ipr
+    from ipr_core.pipeline.stages import _env_factory, _sampling
+    from ipr_core.policies.factory import make_policy
+    from ipr_core.types import Task
+
+    tasks = [Task.from_row(r) for r in store.read_rows(store.join(run, "tasks/test"), "tasks")]
+    local = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backend": "transformers"})})
+    policy = make_policy(local.model, cfg.sampling, str(store.read_checkpoint(store.join(run, f"{tag}/model"))))
+    eps = ipr.run_specs(_env_factory(cfg), policy, ipr.eval_specs(tasks, cfg.seed, tag), _sampling(cfg, cfg.sampling.explore_temperature), history=cfg.sampling.history_turns)
+    return ipr.eval_rows(eps, tag, int(tag[-2:]))
+
+
+def server_logprob(base_url: str, model: str, prompt: str) -> float:
+    """The log-probability of the greedy next token after ``prompt``, as the server computes it for ``model``."""
+    import httpx
+
+    r = httpx.post(base_url + "/completions", json={"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": 1}, timeout=60)
+    r.raise_for_status()
+    return float(r.json()["choices"][0]["logprobs"]["token_logprobs"][0])
+
+
+def local_logprob(checkpoint_dir: Path, prompt: str) -> float:
+    """The same, in-process with transformers (the largest next-token log-probability)."""
+    import torch
+
+    from ipr_core.policies.checkpoint_io import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(checkpoint_dir), load_causal_lm(checkpoint_dir).eval()
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        return float(torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1).max())

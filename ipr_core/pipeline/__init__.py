@@ -62,6 +62,7 @@ def check(cfg: IPRConfig) -> None:
         _reachable(*cluster)
     _task_counts(cfg)
     _reward_model_used(cfg)
+    _lora_serving(cfg)
     if cfg.model.backend == "openai":
         from ipr_core.policies.serving import check_servers
 
@@ -79,6 +80,30 @@ def _reward_model_used(cfg: IPRConfig) -> None:
         raise ConfigError(f"mc.mode={mc.mode} needs pairs.step_pairs=true: without step pairs no step reward is used")
     if mc.reward_model_from > cfg.pipeline.iterations:
         raise ConfigError(f"mc.reward_model_from={mc.reward_model_from} is past the last iteration (pipeline.iterations={cfg.pipeline.iterations}): no iteration would use the reward model")
+
+
+def _lora_serving(cfg: IPRConfig) -> None:
+    """LoRA training needs peft; model.server.mode=lora serves the iterations as adapters:
+    they must be trained as adapters, and the last iteration's (rank iterations x lora_r) must fit the server."""
+    from ipr_core.config import ConfigError
+
+    import importlib.util
+
+    sv, t = cfg.model.server, cfg.training.ipr
+    if t.lora and importlib.util.find_spec("peft") is None:
+        raise ConfigError("training.ipr.lora=true needs peft, which is not installed: pip install 'ipr-flow[lora]'")
+    if sv.mode != "lora":
+        return
+    if cfg.model.backend != "openai":
+        raise ConfigError(f"model.server.mode=lora needs model.backend=openai (got {cfg.model.backend!r}): only a server applies adapters")
+    if not t.lora:
+        raise ConfigError("model.server.mode=lora needs training.ipr.lora=true: the server applies each iteration's LoRA adapter to the SFT model")
+    rank = t.lora_r * cfg.pipeline.iterations
+    if rank > sv.max_lora_rank:
+        raise ConfigError(
+            f"model.server.max_lora_rank={sv.max_lora_rank} is below the last iteration's adapter rank {rank} "
+            f"(pipeline.iterations={cfg.pipeline.iterations} x training.ipr.lora_r={t.lora_r}); raise it or lower training.ipr.lora_r"
+        )
 
 
 def _task_counts(cfg: IPRConfig) -> None:

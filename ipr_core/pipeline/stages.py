@@ -372,6 +372,10 @@ def train(ctx: Context, policy_uri: str, reference_uri: str, pairs_uri: str, exp
     experts = successful(read_trajectories(experts_uri))
     pairs_rows = store.read_rows(pairs_uri, "pairs")
     result = _train(ctx, train_ipr, policy, reference, pairs_rows, experts, cfg.training.ipr, cfg.sampling.history_turns, seed=cfg.seed + iteration)
+    if cfg.training.ipr.lora:  # the adapter's base, for model.server.mode=lora
+        from ipr_core.policies.adapters import Base, write_base
+
+        write_base(ctx.workdir, policy, Base(policy_uri, store.digest(policy_uri)))
     return Folder(ctx.workdir, result.summary())
 
 

@@ -25,6 +25,14 @@ Modes (``model.server.mode``):
   weights behind it change, so the identity recorded is the checkpoint this
   process loaded into it, with the reload and the reset the server
   acknowledged.
+- ``lora``: like managed, but servers start with vLLM's LoRA support and a
+  checkpoint that carries an adapter (``training.ipr.lora=true``;
+  ``ipr_core.policies.adapters``) is served as that adapter on the server of
+  its base: the adapter is loaded at run time (``/v1/load_lora_adapter``,
+  needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, set here) under the
+  checkpoint's served name, and each request selects it by that name. The
+  identity recorded is the adapter as the server lists it: its name, the
+  folder it was loaded from and its parent, the base's served name.
 """
 
 from __future__ import annotations
@@ -98,7 +106,8 @@ def _identity(base_url: str, name: str, mode: str, models: list[dict] | str | No
     models = _listing(base_url) if models is None else models
     for m in models if isinstance(models, list) else ():
         if m.get("id") == name:
-            return {"mode": mode, "url": base_url, "served_model": name, "root": m.get("root"), "listed": [x.get("id") for x in models]}
+            parent = {"parent": m["parent"]} if m.get("parent") else {}
+            return {"mode": mode, "url": base_url, "served_model": name, "root": m.get("root"), **parent, "listed": [x.get("id") for x in models]}
     return None
 
 
@@ -142,6 +151,8 @@ class ServerSpec:
     start_timeout_s: float = 900.0
     max_servers: int = 2
     reload: bool = False
+    lora_rank: int = 0  # lora mode: the servers' --max-lora-rank (0: no LoRA support)
+    max_loras: int = 1
 
 
 @dataclass
@@ -153,6 +164,7 @@ class Server:
     name: str  # the served name it was started with
     loaded: str  # the digest of the weights it holds now
     log_path: Path
+    adapters: dict[str, str] = field(default_factory=dict)  # lora mode: served name -> adapter folder it was loaded from
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -231,11 +243,14 @@ def _start(spec: ServerSpec, local_dir: str, digest: str, name: str) -> Server:
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     tok = [] if "--tokenizer" in spec.args else ["--tokenizer", tokenizer_dir(local_dir, digest)]
-    cmd = [spec.python, *VLLM_SERVER, "--model", local_dir, *tok, "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *spec.args]
+    lora = ["--enable-lora", "--max-lora-rank", str(spec.lora_rank), "--max-loras", str(spec.max_loras)] if spec.lora_rank else []
+    cmd = [spec.python, *VLLM_SERVER, "--model", local_dir, *tok, "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *lora, *spec.args]
     guarded = [sys.executable, str(GUARD), str(os.getpid()), "--", *cmd]  # stopped with this process, however it ends
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **dict(spec.env)}
     if spec.reload:
         env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /collective_rpc and /reset_prefix_cache
+    if spec.lora_rank:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # exposes /v1/load_lora_adapter
     log_path = Path(tempfile.mkstemp(prefix=f"ipr-server-{digest[:8]}-", suffix=".log")[1])
     t0 = time.monotonic()
     try:
@@ -319,6 +334,16 @@ class ServerPool:
             self.servers.append(s)
             return self._use(s), {"how": "started", "start_s": round(time.monotonic() - t0, 3), **note}
 
+    def load_adapter(self, s: Server, name: str, path: str) -> dict[str, Any]:
+        """Have ``s`` serve the adapter at ``path`` as ``name`` (once per server process)."""
+        with self.lock:
+            if s.adapters.get(name) == path:
+                return {"adapter": "reused"}
+            t0 = time.monotonic()
+            _post(s, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+            s.adapters[name] = path
+            return {"adapter": "loaded", "adapter_load_s": round(time.monotonic() - t0, 3)}
+
     def _use(self, s: Server) -> Server:
         s.users += 1
         s.last_used = time.monotonic()
@@ -377,7 +402,8 @@ def spec_of(server_cfg: Any) -> ServerSpec:
     """The ServerSpec of ``model.server``."""
     python = server_cfg.python or os.environ.get("IPR_VLLM_PYTHON") or "python3"
     env = tuple(sorted(server_cfg.env.items()))
-    return ServerSpec(python, tuple(server_cfg.args), env, server_cfg.start_timeout_s, server_cfg.max_servers, server_cfg.mode == "reload")
+    lora = server_cfg.max_lora_rank if server_cfg.mode == "lora" else 0
+    return ServerSpec(python, tuple(server_cfg.args), env, server_cfg.start_timeout_s, server_cfg.max_servers, server_cfg.mode == "reload", lora, server_cfg.max_loras)
 
 
 def connect(model_cfg: Any, uri: str) -> tuple[Served, Callable[[], None]]:
@@ -391,10 +417,51 @@ def connect(model_cfg: Any, uri: str) -> tuple[Served, Callable[[], None]]:
         return check_external(external_urls(model_cfg), digest, uri), lambda: None
     spec = spec_of(sv)
     pool = process_wide(("model-servers", spec), lambda: ServerPool(spec))
-    server, how = pool.acquire(lambda: str(store.read_checkpoint(uri)), digest)
+    base = adapter_base(uri) if sv.mode == "lora" else None
+    if base is None:
+        server, how = pool.acquire(lambda: str(store.read_checkpoint(uri)), digest)
+    else:
+        server, how = pool.acquire(lambda: str(store.read_checkpoint(base.uri)), base.digest)
     try:
-        ident = managed_identity(server, digest, sv.mode, how)
+        if base is None:
+            ident = managed_identity(server, digest, sv.mode, how)
+        else:
+            ident = adapter_identity(pool, server, uri, digest, how)
     except BaseException:
         pool.release(server)
         raise
-    return Served(server.base_url, server.name, ident), lambda: pool.release(server)
+    return Served(server.base_url, ident["served_model"], ident), lambda: pool.release(server)
+
+
+def adapter_base(uri: str):
+    """The base of the checkpoint's LoRA adapter (checked: it exists with the digest
+    the adapter recorded), or None when the checkpoint has no adapter."""
+    from ipr_core import store
+    from ipr_core.policies.adapters import read_base
+
+    base = read_base(store.read_checkpoint(uri))
+    if base is None:
+        return None
+    try:
+        found = store.digest(base.uri)
+    except store.ArtifactNotFound:
+        found = None
+    if found != base.digest:
+        raise ServerError(f"checkpoint {uri}: the base its LoRA adapter applies to, {base.uri}, " + (f"now holds {found}, not {base.digest}" if found else "is gone"))
+    return base
+
+
+def adapter_identity(pool: ServerPool, server: Server, uri: str, digest: str, how: dict[str, Any]) -> dict[str, Any]:
+    """Load the checkpoint's adapter on ``server`` (its base's) under the checkpoint's
+    served name, and check the server lists it, from that folder, on that base."""
+    from ipr_core import store
+    from ipr_core.policies.adapters import adapter_dir
+
+    name, path = served_name(digest), str(adapter_dir(store.read_checkpoint(uri)))
+    loaded = pool.load_adapter(server, name, path)
+    ident = _identity(server.base_url, name, "lora")
+    if ident is None:
+        raise PolicyError(f"the server on {server.base_url} does not list the adapter {name!r} it loaded")  # transient: restarted under us
+    if ident.get("root") != path or ident.get("parent") not in (None, server.name):
+        raise ServerError(f"the server on {server.base_url} lists {name!r} from {ident.get('root')} on {ident.get('parent')}, not from {path} on {server.name}")
+    return {**ident, "checkpoint_digest": digest, "base_model": server.name, "base_digest": server.loaded, "pid": server.proc.pid, **how, **loaded}

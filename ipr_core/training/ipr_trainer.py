@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ipr_core.config import IPRTrainConfig
+from ipr_core.policies.adapters import save_chained
 from ipr_core.policies.checkpoint_io import checkpoint_dtype, load_tokenizer
 from ipr_core.training.common import (
     Runtime,
@@ -159,7 +160,9 @@ def train_ipr(
     save_dtype = checkpoint_dtype(policy_path)
     if not enc:
         log.warning("%s: no usable pairs: the policy is saved unchanged", name)
-        save_on_main(rt, model, tok, out_dir, save_dtype)
+        if cfg.lora:  # fresh LoRA factors have B = 0: the adapter chain goes on with a zero delta
+            model = add_lora(model, cfg.lora_r)
+        _save(rt, model, tok, policy_path, out_dir, save_dtype, cfg.lora)
         return TrainResult(steps=0, wall_s=time.perf_counter() - t_call, train_s=0.0, tokens=0, planned_steps=0)
     ref_c, ref_r = _reference_pass(model, policy_path, reference_path, enc, tok.pad_token_id, rt)
     if cfg.lora:
@@ -173,10 +176,19 @@ def train_ipr(
     # The reference code's schedule: constant LR after warmup (docs/algorithm.md,
     # "Where the paper and the reference code disagree").
     loop = run_loop(rt, model, scorer, batches, objective.step, cfg, scheduler="constant_with_warmup", name=name, progress=progress)
-    save_on_main(rt, model, tok, out_dir, save_dtype)
+    _save(rt, model, tok, policy_path, out_dir, save_dtype, cfg.lora)
     result = TrainResult.from_loop(loop, time.perf_counter() - t_call)
     log.info("%s done: %s", name, result.summary())
     return result
+
+
+def _save(rt: Runtime, model, tok, policy_path: str | Path, out_dir: str | Path, dtype, lora: bool) -> None:
+    """The merged checkpoint; with LoRA also its adapter against the base the
+    adapter chain started from (ipr_core.policies.adapters), written first:
+    merging consumes the LoRA layers."""
+    if lora and rt.is_main:
+        save_chained(model, policy_path, out_dir)
+    save_on_main(rt, model, tok, out_dir, dtype)
 
 
 def _encode_data(tok, pairs: Sequence[Mapping], experts: Sequence[Demonstration], cfg: IPRTrainConfig, history: int | None) -> tuple[list[EncodedPair], list[list[Encoded]]]:
