@@ -19,7 +19,13 @@ the same BabyAI-GoToObj-v0 tasks:
 3. weight swap (``model.server.mode=reload``): one server started on
    checkpoint 1, then given checkpoint 2 (same config, other weights) in place;
    the reload and prefix-cache reset times against a fresh start, and whether
-   the reloaded server's greedy replies are checkpoint 2's.
+   the reloaded server's greedy replies are checkpoint 2's;
+4. adapters (``model.server.mode=lora``): one LoRA-enabled server started on
+   checkpoint 1; a checkpoint that carries a rank-``--lora-rank`` adapter on it
+   (as an IPR iteration trained with ``training.ipr.lora`` does) is loaded at run
+   time; the adapter's load time, whether its greedy first replies are the
+   merged checkpoint's in process, and the greedy episodes through the base
+   and through the adapter on that one server.
 
 The tiny model is the vLLM test's config (tests/test_vllm_server.py: vLLM's
 CPU attention needs head_dim >= 32, reload needs an untied output layer),
@@ -78,6 +84,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--history", type=int, default=1, help="past steps in the prompt (sampling.history_turns)")
     ap.add_argument("--sft-epochs", type=float, default=2.0, help="fine-tuning of the tiny model before measuring (0: untrained)")
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each backend; each is taken at its fastest")
+    ap.add_argument("--lora-rank", type=int, default=16, help="rank of the adapter of part 4")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
 
@@ -115,6 +122,27 @@ def other_weights(src: Path, out: Path, seed: int) -> Path:
     for f in src.iterdir():  # tokenizer, chat template, generation config
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy2(f, out / f.name)
+    return out
+
+
+def with_adapter(src: Path, base_uri: str, out: Path, rank: int, seed: int) -> Path:
+    """``src`` plus a LoRA adapter of rank ``rank`` with random factors (B too, so it
+    changes the replies), saved as an IPR iteration trained with LoRA is: merged
+    weights and ``adapter/`` on the base ``base_uri``."""
+    import torch
+
+    from ipr_core.policies.adapters import Base, save_chained, write_base
+    from ipr_core.policies.checkpoint_io import load_causal_lm, load_tokenizer, save_checkpoint
+    from ipr_core.training.common import add_lora
+
+    torch.manual_seed(seed)
+    model = add_lora(load_causal_lm(src), rank)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    save_chained(model, src, out)
+    save_checkpoint(model, load_tokenizer(src), out)
+    write_base(out, src, Base(base_uri, store.digest(base_uri)))
     return out
 
 
@@ -275,6 +303,32 @@ def weight_swap(make, uri1: str, uri2: str, path2: Path, sampling_cfg: SamplingC
     return {"started": served1.identity, "swapped": served2.identity, "same_first_replies": (same, len(prompts))}
 
 
+def adapter_serving(make, uri1: str, uri3: str, path3: Path, sets, sampling_cfg: SamplingConfig, args) -> dict:
+    """Lora mode: the base's server, the adapter loaded on it; greedy first replies
+    through the adapter vs the merged checkpoint in process; greedy episodes through each."""
+    from ipr_core.policies.factory import make_policy
+
+    cfg = model_cfg("openai", "lora", args.concurrency)
+    specs, greedy = sets["greedy"]
+    base, served_base, release_base = served_policy(cfg, sampling_cfg, uri1)
+    adapter, served_adapter, release = served_policy(cfg, sampling_cfg, uri3)
+    local = make_policy(model_cfg("transformers"), sampling_cfg, str(path3))
+    try:
+        warm_up(base), warm_up(adapter)
+        prompts = first_turn_prompts(make, specs)
+        replies = adapter.generate(prompts, greedy, [0] * len(prompts))
+        same = sum(a == b for a, b in zip(replies, local.generate(prompts, greedy, [0] * len(prompts))))
+        as_base = sum(a == b for a, b in zip(replies, base.generate(prompts, greedy, [0] * len(prompts))))
+        runs = {"base": [], "adapter": []}
+        for _ in range(args.repeat):
+            runs["base"].append(play(make, base, specs, greedy, args, served_base))
+            runs["adapter"].append(play(make, adapter, specs, greedy, args, served_adapter))
+    finally:
+        base.close(), adapter.close(), local.close()
+        release(), release_base()
+    return {"base": served_base.identity, "adapter": served_adapter.identity, "same_as_merged": (same, len(prompts)), "same_as_base": as_base, "runs": runs}
+
+
 def first_turn_prompts(make, specs) -> list:
     from ipr_core.conversation import render_context
 
@@ -294,7 +348,7 @@ def stop_servers() -> list[int]:
     from ipr_core.policies.serving import ServerPool, spec_of
     from ipr_core.resources import process_wide
 
-    for mode in ("managed", "reload"):
+    for mode in ("managed", "reload", "lora"):
         spec = spec_of(model_cfg("openai", mode).server)
         process_wide(("model-servers", spec), lambda: ServerPool(spec)).stop_all()
     out = subprocess.run(["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True).stdout
@@ -335,6 +389,19 @@ def print_swap(managed: dict, swap: dict) -> None:
     print(f"reloaded server's greedy first replies equal to checkpoint 2 in process: {same}/{n}")
 
 
+def print_adapter(managed: dict, lora: dict) -> None:
+    b, a = lora["base"], lora["adapter"]
+    same, n = lora["same_as_merged"]
+    print(f"\nlora mode: server start_s {b.get('start_s')} ({b.get('how')}); adapter ({a.get('adapter')}) on the same pid: {a['pid'] == b['pid']}, "
+          f"adapter_load_s {a.get('adapter_load_s')}; load / managed start_s = {a.get('adapter_load_s', 0) / managed['start_s']:.4f}")
+    print(f"adapter's greedy first replies equal to the merged checkpoint in process: {same}/{n} (equal to the base's: {lora['same_as_base']}/{n})")
+    best = {k: min(rs, key=lambda r: r["wall"]) for k, rs in lora["runs"].items()}
+    n_eps = len(best["base"]["eps"])
+    # The adapter's replies differ from the base's (other episode lengths, other reply lengths): compare tokens/s, not only ep/s.
+    print(f"greedy episodes on the lora server ({n_eps} each): " + ", ".join(f"{k} {n_eps / r['wall']:.2f} ep/s, {r['tokens']} tokens, {r['tokens'] / r['wall']:.0f} tok/s" for k, r in best.items())
+          + f"; tokens/s adapter / base = {(best['adapter']['tokens'] / best['adapter']['wall']) / (best['base']['tokens'] / best['base']['wall']):.2f}x")
+
+
 def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -351,6 +418,8 @@ def main() -> int:
         env.close()
         path2 = other_weights(path, tmp / "other", seed=args.seed + 1)
         uri1, uri2 = to_store(tmp / "store", "ckpt-1", path), to_store(tmp / "store", "ckpt-2", path2)
+        path3 = with_adapter(path, uri1, tmp / "adapted", args.lora_rank, seed=args.seed + 2)
+        uri3 = to_store(tmp / "store", "ckpt-3", path3)
         model = args.model or f"tiny {TINY.hidden_size}x{TINY.num_layers}, sft {args.sft_epochs:g} epochs"
         print(f"model {model}; checkpoints {store.digest(uri1)[:12]} / {store.digest(uri2)[:12]}; episodes: " + ", ".join(f"{k} {len(v[0])}" for k, v in sets.items())
               + f"; threads {args.threads}, concurrency {args.concurrency}, max_steps {args.max_steps}, max_new_tokens {args.max_new_tokens}, history {args.history}, repeat {args.repeat}")
@@ -358,11 +427,14 @@ def main() -> int:
             runs, managed = throughput(make, path, uri1, sets, sampling_cfg, args)
             stop_servers()  # the managed server's cores back before the reload-mode server starts
             swap = weight_swap(make, uri1, uri2, path2, sampling_cfg, args)
+            stop_servers()
+            lora = adapter_serving(make, uri1, uri3, path3, sets, sampling_cfg, args)
         finally:
             left = stop_servers()
     print_runs(runs, sets)
     print_greedy(runs)
     print_swap(managed, swap)
+    print_adapter(managed, lora)
     print(f"\nvllm.entrypoints processes left: {left or 'none'}")
     return 1 if left else 0
 

@@ -113,15 +113,24 @@ def set_torch_threads(n: int | None) -> None:
 
 
 _PROCESS_WIDE: dict[tuple, Any] = {}
-_PROCESS_WIDE_LOCK = threading.Lock()
+_KEY_LOCKS: dict[tuple, threading.Lock] = {}
+_KEY_LOCKS_LOCK = threading.Lock()
 
 
 def process_wide(key: tuple, make: Callable[[], _T]) -> _T:
     """The process's one object for ``key``, made by ``make()`` on first use and
     kept for the process's life: what stages that run at once in one process
     must share (the prefix-cache budget, the environment threads), although
-    each builds its own policy and runner."""
-    with _PROCESS_WIDE_LOCK:
+    each builds its own policy and runner.
+
+    ``make()`` runs under a lock of ``key``'s own: a slow ``make`` (a disk scan,
+    an expert game) holds up only the callers of the same key, and a ``make``
+    may itself ask for other keys."""
+    if key in _PROCESS_WIDE:
+        return _PROCESS_WIDE[key]
+    with _KEY_LOCKS_LOCK:
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:
         if key not in _PROCESS_WIDE:
             _PROCESS_WIDE[key] = make()
         return _PROCESS_WIDE[key]

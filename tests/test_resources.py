@@ -108,3 +108,35 @@ def test_freed_memory_leaves_the_resident_set_and_the_users_malloc_settings_win(
     assert threshold == "131072" and returned >= 140, returned  # ~150 MB of freed blocks left the process
     assert run("plain")[1] < 20  # without it, glibc keeps them resident
     assert run("ipr", MALLOC_MMAP_THRESHOLD_="999999")[0] == "999999"  # the user's value is left alone
+
+
+def test_process_wide_makes_once_per_key_and_a_slow_make_holds_up_only_its_own_key():
+    import threading
+    import uuid
+
+    from ipr_core.resources import process_wide
+
+    slow, fast, inner = (("test-pw", uuid.uuid4().hex, name) for name in ("slow", "fast", "inner"))
+    started, release, made = threading.Event(), threading.Event(), []
+
+    def make_slow():
+        made.append("slow")
+        started.set()
+        release.wait(10)
+        return process_wide(inner, lambda: "inner")  # a make may ask for another key (it deadlocked under one global lock)
+
+    # daemon threads: a deadlock fails the asserts below instead of hanging the suite
+    results, other = [], []
+    threads = [threading.Thread(target=lambda: results.append(process_wide(slow, make_slow)), daemon=True) for _ in range(3)]
+    threads[0].start()
+    assert started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    lookup = threading.Thread(target=lambda: other.append(process_wide(fast, lambda: "fast")), daemon=True)
+    lookup.start()
+    lookup.join(5)
+    assert other == ["fast"]  # not held up by the slow key's make
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert results == ["inner"] * 3 and made == ["slow"]

@@ -38,7 +38,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, model_validator
 
@@ -177,20 +177,6 @@ class GameShelf:
                 self._idle.popitem(last=False)
 
 
-class _Examples:
-    """In-context examples of a process, played once each (``make`` runs outside the process-wide lock)."""
-
-    def __init__(self) -> None:
-        self._texts: dict[tuple, str] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, make: Callable[[], str]) -> str:
-        with self._lock:
-            if key not in self._texts:
-                self._texts[key] = make()
-            return self._texts[key]
-
-
 def game_shelf(capacity: int) -> GameShelf:
     """The process's shelf of ``capacity`` loaded games."""
     return process_wide(("alfworld-shelf", capacity), lambda: GameShelf(capacity))
@@ -280,8 +266,7 @@ class ALFWorldEnv(ConfiguredEnv, name="alfworld", options=ALFWorldOptions):
         games = [g for g in self._scan("train") if g.task_type == ty and g.rel != task.meta.get("game")]
         if not games:
             raise ValueError(f"ALFWorld in_context_example: no other train game of type {ty!r} under {self.root}")
-        examples = process_wide(("alfworld-examples",), _Examples)
-        return examples.get((str(self.root), games[0].rel, self.expert_type), lambda: self._play_example(games[0]))
+        return process_wide(("alfworld-example", str(self.root), games[0].rel, self.expert_type), lambda: self._play_example(games[0]))
 
     def _play_example(self, game: GameEntry) -> str:
         """A game played by the expert in a fresh engine (this instance's episode is left alone), as
