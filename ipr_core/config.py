@@ -172,6 +172,11 @@ class MCConfig(_Section):
     )  # fmt: skip
     hybrid_band: float = Field(0.1, ge=0, description="mc.mode=hybrid: a target gets rollouts when, with the model's reward, Eq. 8-9's step margin is within this of tau_s.")
     reward_model_from: int = Field(2, ge=1, description="mc.mode=reward_model or hybrid: the first iteration scored by the model; iterations before it run rollouts and their labels train it (1: expert labels only).")
+    reward_model_experts: bool = Field(
+        False,
+        description="mc.mode=reward_model: the pairs of the iterations the model scores also take the expert steps' rewards from it (both sides of "
+        "Eq. 8-9's step comparison from one estimator) instead of the expert MC rewards. Expert MC still runs: its labels train the model.",
+    )  # fmt: skip
 
 
 class PairsConfig(_Section):

@@ -41,6 +41,7 @@ PAPER_VARIANTS: dict[str, list[str]] = {
     "ipr-single-action": ["pairs.step_variant=single_action"],
     "ipr-ref-previous": ["training.ipr.reference=previous"],
     "ipr-reward-model": ["mc.mode=reward_model"],
+    "ipr-reward-model-both": ["mc.mode=reward_model", "mc.reward_model_experts=true"],
 }
 
 

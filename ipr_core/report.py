@@ -228,7 +228,7 @@ def experiment_markdown(res: Mapping, image: str, command: str | None = None) ->
         lines += [f"| {v} | {it} | {number(c['agent_mc_targets'], 0)} | {number(c['agent_mc_rollouts'], 0)} | {number(c['agent_mc_reused'], 0)} | {number(c['agent_mc_skipped'], 0)} | {number(c['agent_mc_tokens'], 0)} | {number(c['agent_mc_s'], 0)} |" for v, it, c in mc]
     rm = [(v, it, c) for v, cv in res["cost"].items() for it, c in cv.get("agent_mc", {}).items() if c.get("rm_scored") is not None]
     if rm:
-        lines += ["", "Agent step rewards from the learned reward model (mean over seeds): steps it scored, the MC rollouts that took the place of, its error and pair agreement against MC on held-out tasks, and the iteration's exploration + step-reward wall time (the model's training included):", ""]
+        lines += ["", "Agent step rewards from the learned reward model (mean over seeds): steps it scored, the MC rollouts that took the place of, its error and pair agreement against MC on held-out tasks (the model on both sides of the comparison where it scores the expert steps too, mc.reward_model_experts), and the iteration's exploration + step-reward wall time (the model's training included):", ""]
         lines += ["| variant | iteration | scored | rollouts avoided | held-out MAE | pair agreement | explore + step rewards (s) |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {v} | {it} | {number(c['rm_scored'], 0)} | {number(c['rm_rollouts_avoided'], 0)} | {number(c['rm_held_out_mae'])} | {number(c['rm_pair_agreement'])} | {number(c['explore_mc_s'], 0)} |" for v, it, c in rm]
     if res.get("audit"):

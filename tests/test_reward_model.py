@@ -108,3 +108,21 @@ def test_near_step_decision_is_the_step_margin_near_tau_in_the_outcomes_directio
     assert near_step_decision(0.6, 0.75, 0.0, 1.0, 0.1, 0.1, band=0.1) and not near_step_decision(0.75, 0.6, 0.0, 1.0, 0.1, 0.1, band=0.1)
     # outcomes within tau_o: no step reward makes a pair
     assert not near_step_decision(0.8, 0.7, 0.5, 0.55, 0.1, 0.1, band=1.0)
+
+
+def test_pair_agreement_with_the_model_on_the_agent_side_or_on_both():
+    from ipr_core.training.reward_model import Labeled, pair_agreement
+
+    def lab(tid: str, reward: float) -> Labeled:
+        return Labeled(tid, "t", (), reward)
+
+    # expert e1's step 2 (MC 0.9) against two agent branches at that step (MC 0.2 and 0.85); tau_s = 0.1
+    labels = [lab("e1#2", 0.9), lab("it01|e1|j1#2", 0.2), lab("it01|e1|j1b#2", 0.85)]
+    mc_expert = {("e1", 2): 0.9}
+    # the model: expert step 0.5 (too low), agents 0.3 and 0.45
+    got = pair_agreement([0.5, 0.3, 0.45], labels, mc_expert, 0.1)
+    # agent side only: 0.9 vs 0.3 -> expert wins (MC: expert wins) = agree; 0.9 vs 0.45 -> expert (MC: neither) = disagree
+    # both sides: 0.5 vs 0.3 -> expert (agree); 0.5 vs 0.45 -> neither (MC: neither) = agree
+    assert got == {"pair_agreement": 0.5, "pair_agreement_both": 1.0, "pair_n": 2}
+    # an expert step the model did not score (not held out, or a last step) keeps MC's reward on both sides
+    assert pair_agreement([0.3, 0.45], labels[1:], mc_expert, 0.1)["pair_agreement_both"] == 0.5

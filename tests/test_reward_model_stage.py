@@ -79,6 +79,35 @@ def test_a_reward_model_no_iteration_uses_is_refused_up_front(tmp_path):
         check(load_config(None, [*RM, f"storage.root={tmp_path}", "mc.reward_model_from=3"]))
     with pytest.raises(ConfigError, match="pairs.step_pairs"):
         check(load_config(None, [*RM, f"storage.root={tmp_path}", "pairs.step_pairs=false"]))
+    with pytest.raises(ConfigError, match="mc.reward_model_experts=true needs mc.mode=reward_model"):
+        check(load_config(None, [*RM, f"storage.root={tmp_path}", "mc.mode=hybrid", "mc.reward_model_experts=true"]))
+
+
+@pytest.mark.slow
+def test_the_model_can_score_the_expert_side_of_its_iterations_pairs_too(tmp_path):
+    pytest.importorskip("minigrid")
+    from ipr_core.training.reward_model import context_of, load_reward_model, predict
+
+    cfg = load_config(None, [*RM, f"storage.root={tmp_path}", "run_name=both", "mc.reward_model_experts=true"])
+    run_local(cfg)
+    run = run_uri(cfg)
+    ours, mc = store.join(run, "reward_model/expert_rewards"), store.join(run, "scorer/expert_rewards")
+    assert ours in store.read_manifest(store.join(run, "iter-02/pairs")).inputs  # the model's iteration: its expert rewards
+    assert mc in store.read_manifest(store.join(run, "iter-01/pairs")).inputs and ours not in store.read_manifest(store.join(run, "iter-01/pairs")).inputs
+
+    rows = store.read_rows(ours, "step_rewards")
+    experts = stages_mod.ipr_experts(cfg, stages_mod.read_trajectories(store.join(run, "experts/train")))
+    targets = [t for t in stages_mod.ipr.expert_targets(experts) if not stages_mod.ipr.is_last_step(t)]
+    model, tok = load_reward_model(store.read_checkpoint(store.join(run, "reward_model/model")))
+    want = dict(zip([(t.branch_id, t.step) for t in targets], predict(model, tok, [context_of(t, cfg.sampling.history_turns) for t in targets], cfg.training.reward_model.max_length)))
+    assert {(r["branch_id"], r["step"]): r["reward"] for r in rows if not r["is_last"]} == pytest.approx(want) and want
+    mc_rows = {(r["branch_id"], r["step"]): r["reward"] for r in store.read_rows(mc, "step_rewards")}
+    assert all(r["reward"] == mc_rows[(r["branch_id"], r["step"])] for r in rows if r["is_last"])  # last steps: the outcome, as MC's
+    assert len(rows) == len(mc_rows)
+
+    m = store.read_manifest(store.join(run, "reward_model/model"))
+    [it2] = [r for r in result_rows(run, run_plan(cfg, run)) if r["model"] == "iter-02"]
+    assert it2["rm_pair_agreement"] == m.meta["pair_agreement_both"]
 
 
 @pytest.mark.slow

@@ -47,10 +47,11 @@ def test_every_stage_of_the_plan_ran_through_its_declaration(first_run):
     ran = {n.stage for n in plan(cfg, 2)}
     # each one read only what it declares, or it would have raised; the reward-model
     # stages run only with mc.mode=reward_model / hybrid (tests/test_reward_model_stage.py runs them)
-    learned = {"reward-model", "agent-rm-rewards", "hybrid-mc", "hybrid-rewards"}
+    learned = {"reward-model", "agent-rm-rewards", "expert-rm-rewards", "hybrid-mc", "hybrid-rewards"}
     assert ran == set(STAGES) - learned
     hybrid = cfg.model_copy(update={"mc": cfg.mc.model_copy(update={"mode": "hybrid", "reward_model_from": 1})})
-    assert learned <= {n.stage for n in plan(hybrid, 2)}
+    both = cfg.model_copy(update={"mc": cfg.mc.model_copy(update={"mode": "reward_model", "reward_model_from": 1, "reward_model_experts": True})})
+    assert learned <= {n.stage for n in plan(hybrid, 2)} | {n.stage for n in plan(both, 2)}
     ms = _manifests(run_uri(cfg))
     assert all(m.identity and m.recipe["stage"] in STAGES for m in ms.values())
 

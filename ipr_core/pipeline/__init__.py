@@ -74,6 +74,8 @@ def _reward_model_used(cfg: IPRConfig) -> None:
     from ipr_core.config import ConfigError
 
     mc = cfg.mc
+    if mc.reward_model_experts and mc.mode != "reward_model":
+        raise ConfigError(f"mc.reward_model_experts=true needs mc.mode=reward_model (got {mc.mode!r}): only then does the model score the agent side it is compared with")
     if mc.mode == "rollouts":
         return
     if not cfg.pairs.step_pairs:

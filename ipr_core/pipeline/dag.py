@@ -113,10 +113,14 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
     by = {n.stage: n for n in prologue_nodes}
     experts, sft = by["experts"], by["sft"]
     explore = [node("explore", policy_uri=policy, experts_uri=experts, iteration=k, shard=s) for s in range(shards)]
+    expert_rewards = by["expert-rewards"]
     if uses_reward_model(cfg, k):
         rm = reward_model_node(cfg, shards, prologue_nodes)
         rewards = node("agent-rm-rewards", rm_uri=rm, branches_uris=explore, experts_uri=experts, iteration=k)
         mc = [rm] if k == cfg.mc.reward_model_from else []
+        if cfg.mc.reward_model_experts:  # the expert side of the pairs from the model too (made once, with the model)
+            expert_rewards = node("expert-rm-rewards", rm_uri=rm, experts_uri=experts)
+            mc += [expert_rewards] if k == cfg.mc.reward_model_from else []
         if cfg.mc.mode == "hybrid":  # rollouts where the model's reward leaves the pair decision near its threshold
             mc.append(rewards)
             er = by["expert-rewards"]
@@ -126,7 +130,7 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
     else:
         mc = [node("agent-mc", scorer_uri=sft, branches_uri=e, experts_uri=experts, iteration=k, shard=s) for s, e in enumerate(explore)]
         rewards = node("agent-rewards", branches_uris=explore, experts_uri=experts, mc_uris=mc, iteration=k)
-    pairs = node("pairs", experts_uri=experts, branches_uris=explore, expert_rewards_uri=by["expert-rewards"], agent_rewards_uri=rewards, iteration=k)
+    pairs = node("pairs", experts_uri=experts, branches_uris=explore, expert_rewards_uri=expert_rewards, agent_rewards_uri=rewards, iteration=k)
     reference = sft if cfg.training.ipr.reference == "sft" else policy
     model = node("train", policy_uri=policy, reference_uri=reference, pairs_uri=pairs, experts_uri=experts, iteration=k)
     tasks = [n for n in prologue_nodes if n.stage == "eval-tasks"]

@@ -410,10 +410,27 @@ def reward_model(ctx: Context, scorer_uri: str, experts_uri: str, expert_rewards
 def agent_rm_rewards(ctx: Context, rm_uri: str, branches_uris: list[str], experts_uri: str, iteration: int) -> Rows:
     """Step rewards of the agent branches agent MC would score, from the reward
     model instead of rollouts (last steps keep their outcome, as with MC)."""
-    from ipr_core.training.reward_model import context_of, load_reward_model, predict
-
     cfg = ctx.cfg
     targets = _agent_targets(cfg, _branches(branches_uris), ipr_experts(cfg, read_trajectories(experts_uri)))[0]
+    rows, scored = _rm_rows(cfg, rm_uri, targets)
+    # what agent MC would have run for the same targets (the memo aside)
+    return Rows(rows, {**ipr.reward_stats(rows), "targets": len(targets), "predicted": scored, "rollouts_avoided": cfg.mc.n_rollouts * scored})
+
+
+@stage("expert-rm-rewards", path="reward_model/expert_rewards", kind="step_rewards", reads=(*TRAIN_SET, "training.reward_model.max_length", "sampling.history_turns"), needs="generation")
+def expert_rm_rewards(ctx: Context, rm_uri: str, experts_uri: str) -> Rows:
+    """mc.reward_model_experts: the expert steps' rewards from the reward model, for the
+    pairs of the iterations it scores (last steps keep their outcome, as with MC). The
+    model was trained on these steps' MC labels (all but the held-out tasks'), so on them
+    it gives its smoothed fit of MC, from the same estimator as the agent side."""
+    rows, scored = _rm_rows(ctx.cfg, rm_uri, ipr.expert_targets(ipr_experts(ctx.cfg, read_trajectories(experts_uri))))
+    return Rows(rows, {**ipr.reward_stats(rows), "predicted": scored})
+
+
+def _rm_rows(cfg, rm_uri: str, targets: Sequence[ipr.MCTarget]) -> tuple[list[dict], int]:
+    """"step_rewards" rows of ``targets`` from the reward model (a last step: its outcome), and how many it scored."""
+    from ipr_core.training.reward_model import context_of, load_reward_model, predict
+
     scored = [t for t in targets if not ipr.is_last_step(t)]
     model, tok = load_reward_model(store.read_checkpoint(rm_uri))
     pred = dict(zip([(t.branch_id, t.step) for t in scored], predict(model, tok, [context_of(t, cfg.sampling.history_turns) for t in scored], cfg.training.reward_model.max_length)))
@@ -422,8 +439,7 @@ def agent_rm_rewards(ctx: Context, rm_uri: str, branches_uris: list[str], expert
         base = {"branch_id": t.branch_id, "task_id": t.traj.task.task_id, "step": t.step}
         last = ipr.is_last_step(t)
         rows.append({**base, "reward": float(t.traj.outcome_reward) if last else pred[(t.branch_id, t.step)], "n_rollouts": 0, "is_last": last})
-    # what agent MC would have run for the same targets (the memo aside)
-    return Rows(rows, {**ipr.reward_stats(rows), "targets": len(targets), "predicted": len(scored), "rollouts_avoided": cfg.mc.n_rollouts * len(scored)})
+    return rows, len(scored)
 
 
 HYBRID = ("pairs.tau_step", "mc.hybrid_band")  # what decides which targets hybrid MC rolls out
@@ -468,4 +484,4 @@ def hybrid_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, exp
     return Rows(rows, {**ipr.reward_stats(rows), "mc_targets": len(near), "model_decided": decided, "rollouts_avoided": cfg.mc.n_rollouts * decided})
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_rewards, agent_rewards, explore, pairs, train, reward_model, agent_rm_rewards, hybrid_mc, hybrid_rewards)}
+STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_rewards, agent_rewards, explore, pairs, train, reward_model, agent_rm_rewards, expert_rm_rewards, hybrid_mc, hybrid_rewards)}

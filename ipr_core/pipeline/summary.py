@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from ipr_core import store
 from ipr_core.pipeline.dag import Node, agent_rewards_node
+from ipr_core.pipeline.stages import STAGES
 
 COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_mc_targets", "agent_mc_rollouts", "agent_mc_reused", "agent_mc_skipped", "agent_mc_tokens", "rm_scored", "rm_rollouts_avoided", "rm_held_out_mae", "rm_pair_agreement", "agent_step_reward_mean", "agent_mc_s", "explore_mc_s", "pairs_s", "train_s", "eval_s", "peak_rss_mb", "note")
 MC_COLUMNS = {"agent_mc_targets": "estimates", "agent_mc_rollouts": "rollouts", "agent_mc_reused": "rollouts_reused", "agent_mc_skipped": "skipped_rollouts", "agent_mc_tokens": "generated_tokens"}
@@ -49,16 +50,18 @@ def _training(run: str, ms: dict, n: Node | None) -> dict[str, Any]:
     return {"train_steps": f"{steps}/{planned}", "note": "; ".join(notes) or None}
 
 
-def _reward_model(run: str, ms: dict, scored: Node | None, rewards: Node | None) -> dict[str, Any]:
+def _reward_model(run: str, ms: dict, scored: Node | None, rewards: Node | None, pairs: Node | None) -> dict[str, Any]:
     """An iteration scored by the reward model: targets it scored, the rollouts MC
     would have run for those it decided (``rewards``, the step rewards the pairs
-    read; hybrid: less those rolled out), and the model's held-out error and pair agreement."""
+    read; hybrid: less those rolled out), and the model's held-out error and pair
+    agreement (with the model on both sides when the pairs read its expert rewards too)."""
     if scored is None:
         return {}
     rm = store.read_manifest(store.join(run, dict(scored.inputs)["rm_uri"]))
     out = {"rm_scored": _meta(ms, scored, "predicted"), "rm_rollouts_avoided": _meta(ms, rewards, "rollouts_avoided")}
+    both = pairs is not None and dict(pairs.inputs)["expert_rewards_uri"] == STAGES["expert-rm-rewards"].out_path({})
     if rm is not None:
-        out.update(rm_held_out_mae=rm.meta.get("held_out_mae"), rm_pair_agreement=rm.meta.get("pair_agreement"))
+        out.update(rm_held_out_mae=rm.meta.get("held_out_mae"), rm_pair_agreement=rm.meta.get("pair_agreement_both" if both else "pair_agreement"))
     return out
 
 
@@ -87,7 +90,7 @@ def model_row(run: str, ev: Node, nodes: Sequence[Node]) -> dict[str, Any]:
         # agent MC: estimates made; rollouts run, taken from the step-reward memo, and skipped as unable to change a pair
         mc = [n for n in it if n.stage in ("agent-mc", "hybrid-mc")]
         row.update({col: _total(ms, mc, key) for col, key in MC_COLUMNS.items()})
-        row.update(_reward_model(run, ms, by.get("agent-rm-rewards"), rewards))
+        row.update(_reward_model(run, ms, by.get("agent-rm-rewards"), rewards, by.get("pairs")))
         row.update({col: _wall(ms, [n for n in it if n.stage in stages]) for col, stages in TIMES.items()})
     peaks = [m.timings["peak_rss_mb"] for m in ms.values() if m is not None and "peak_rss_mb" in m.timings]
     row["peak_rss_mb"] = max(peaks) if peaks else None  # the highest of the stages that made and scored this model

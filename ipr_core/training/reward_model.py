@@ -164,18 +164,32 @@ def pair_agreement(pred: Sequence[float], labels: Sequence[Labeled], expert_rewa
     (expert step better by more than tau_s, agent step better, or neither, at
     the same prefix), over
     agent-branch labels (branch ids ``itKK|expert|jJ``, scored step J + 1) whose
-    expert step has an MC reward."""
-    same = n = 0
+    expert step has an MC reward. ``pair_agreement``: the model on the agent side,
+    MC on the expert's (mc.mode=reward_model); ``pair_agreement_both``: the model on
+    both sides where it scores the expert step too (mc.reward_model_experts; a
+    last expert step keeps its outcome, as the pipeline's does)."""
+    model_expert = {_expert_key(x): p for p, x in zip(pred, labels) if len(x.target_id.split("#")[0].split("|")) == 1}
+    same = both = n = 0
     for p, x in zip(pred, labels):
         parts = x.target_id.split("#")[0].split("|")
         if len(parts) != 3:
             continue  # an expert step: no pair direction
-        r_e = expert_rewards.get((parts[1], int(x.target_id.rsplit("#", 1)[1])))
+        key = (parts[1], int(x.target_id.rsplit("#", 1)[1]))
+        r_e = expert_rewards.get(key)
         if r_e is None:
             continue
         n += 1
-        same += winner(r_e, x.reward, tau_step) == winner(r_e, p, tau_step)
-    return {"pair_agreement": same / n if n else float("nan"), "pair_n": n}
+        mc = winner(r_e, x.reward, tau_step)
+        same += mc == winner(r_e, p, tau_step)
+        both += mc == winner(model_expert.get(key, r_e), p, tau_step)
+    nan = float("nan")
+    return {"pair_agreement": same / n if n else nan, "pair_agreement_both": both / n if n else nan, "pair_n": n}
+
+
+def _expert_key(x: Labeled) -> tuple[str, int]:
+    """(expert trajectory id, step) of an expert-step label (target id ``traj#step``)."""
+    traj, step = x.target_id.rsplit("#", 1)
+    return traj, int(step)
 
 
 # --- training ------------------------------------------------------------------------------
