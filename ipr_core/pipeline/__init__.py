@@ -87,9 +87,9 @@ def _reward_model_used(cfg: IPRConfig) -> None:
 def _lora_serving(cfg: IPRConfig) -> None:
     """LoRA training needs peft; model.server.mode=lora serves the iterations as adapters:
     they must be trained as adapters, and the last iteration's (rank iterations x lora_r) must fit the server."""
-    from ipr_core.config import ConfigError
-
     import importlib.util
+
+    from ipr_core.config import ConfigError
 
     sv, t = cfg.model.server, cfg.training.ipr
     if t.lora and importlib.util.find_spec("peft") is None:

@@ -123,7 +123,7 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
             mc += [expert_rewards] if k == cfg.mc.reward_model_from else []
         if cfg.mc.mode == "hybrid":  # rollouts where the model's reward leaves the pair decision near its threshold
             mc.append(rewards)
-            er = by["expert-rewards"]
+            er = expert_rewards  # what the pairs compare against: the margins are theirs
             hybrid = [node("hybrid-mc", scorer_uri=sft, branches_uri=e, experts_uri=experts, expert_rewards_uri=er, rm_rewards_uri=rewards, iteration=k, shard=s) for s, e in enumerate(explore)]
             mc += hybrid
             rewards = node("hybrid-rewards", branches_uris=explore, experts_uri=experts, expert_rewards_uri=er, rm_rewards_uri=rewards, mc_uris=hybrid, iteration=k)

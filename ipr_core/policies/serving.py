@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 import httpx
 
+from ipr_core.policies.adapters import Base, adapter_dir, read_base
 from ipr_core.policies.base import PolicyError
 
 log = logging.getLogger(__name__)
@@ -417,29 +418,27 @@ def connect(model_cfg: Any, uri: str) -> tuple[Served, Callable[[], None]]:
         return check_external(external_urls(model_cfg), digest, uri), lambda: None
     spec = spec_of(sv)
     pool = process_wide(("model-servers", spec), lambda: ServerPool(spec))
-    base = adapter_base(uri) if sv.mode == "lora" else None
-    if base is None:
-        server, how = pool.acquire(lambda: str(store.read_checkpoint(uri)), digest)
-    else:
-        server, how = pool.acquire(lambda: str(store.read_checkpoint(base.uri)), base.digest)
+    local = store.read_checkpoint(uri) if sv.mode == "lora" else None  # lora: the adapter, if any, is in the checkpoint
+    base = adapter_base(uri, local) if local is not None else None
+    weights = base or Base(uri, digest)  # what the server must hold: the adapter's base, else the checkpoint
+    server, how = pool.acquire(lambda: str(store.read_checkpoint(weights.uri)), weights.digest)
     try:
         if base is None:
             ident = managed_identity(server, digest, sv.mode, how)
         else:
-            ident = adapter_identity(pool, server, uri, digest, how)
+            ident = adapter_identity(pool, server, str(adapter_dir(local)), digest, how)
     except BaseException:
         pool.release(server)
         raise
     return Served(server.base_url, ident["served_model"], ident), lambda: pool.release(server)
 
 
-def adapter_base(uri: str):
-    """The base of the checkpoint's LoRA adapter (checked: it exists with the digest
-    the adapter recorded), or None when the checkpoint has no adapter."""
+def adapter_base(uri: str, local: Path) -> Base | None:
+    """The base of the LoRA adapter of the checkpoint at ``uri`` (``local``: its folder),
+    checked: it exists with the digest the adapter recorded; None when it has no adapter."""
     from ipr_core import store
-    from ipr_core.policies.adapters import read_base
 
-    base = read_base(store.read_checkpoint(uri))
+    base = read_base(local)
     if base is None:
         return None
     try:
@@ -451,13 +450,10 @@ def adapter_base(uri: str):
     return base
 
 
-def adapter_identity(pool: ServerPool, server: Server, uri: str, digest: str, how: dict[str, Any]) -> dict[str, Any]:
-    """Load the checkpoint's adapter on ``server`` (its base's) under the checkpoint's
-    served name, and check the server lists it, from that folder, on that base."""
-    from ipr_core import store
-    from ipr_core.policies.adapters import adapter_dir
-
-    name, path = served_name(digest), str(adapter_dir(store.read_checkpoint(uri)))
+def adapter_identity(pool: ServerPool, server: Server, path: str, digest: str, how: dict[str, Any]) -> dict[str, Any]:
+    """Load checkpoint ``digest``'s adapter (folder ``path``) on ``server`` (its base's)
+    under the checkpoint's served name, and check the server lists it, from that folder, on that base."""
+    name = served_name(digest)
     loaded = pool.load_adapter(server, name, path)
     ident = _identity(server.base_url, name, "lora")
     if ident is None:

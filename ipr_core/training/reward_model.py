@@ -168,13 +168,13 @@ def pair_agreement(pred: Sequence[float], labels: Sequence[Labeled], expert_rewa
     MC on the expert's (mc.mode=reward_model); ``pair_agreement_both``: the model on
     both sides where it scores the expert step too (mc.reward_model_experts; a
     last expert step keeps its outcome, as the pipeline's does)."""
-    model_expert = {_expert_key(x): p for p, x in zip(pred, labels) if len(x.target_id.split("#")[0].split("|")) == 1}
+    parsed = [_target(x) for x in labels]
+    model_expert = {(parts[0], step): p for p, (parts, step) in zip(pred, parsed) if len(parts) == 1}
     same = both = n = 0
-    for p, x in zip(pred, labels):
-        parts = x.target_id.split("#")[0].split("|")
+    for p, x, (parts, step) in zip(pred, labels, parsed):
         if len(parts) != 3:
             continue  # an expert step: no pair direction
-        key = (parts[1], int(x.target_id.rsplit("#", 1)[1]))
+        key = (parts[1], step)
         r_e = expert_rewards.get(key)
         if r_e is None:
             continue
@@ -186,10 +186,11 @@ def pair_agreement(pred: Sequence[float], labels: Sequence[Labeled], expert_rewa
     return {"pair_agreement": same / n if n else nan, "pair_agreement_both": both / n if n else nan, "pair_n": n}
 
 
-def _expert_key(x: Labeled) -> tuple[str, int]:
-    """(expert trajectory id, step) of an expert-step label (target id ``traj#step``)."""
-    traj, step = x.target_id.rsplit("#", 1)
-    return traj, int(step)
+def _target(x: Labeled) -> tuple[list[str], int]:
+    """A label's branch id split at ``|`` (one part: an expert trajectory; three:
+    ``itKK|expert|jJ``, an agent branch) and its step (target id ``branch#step``)."""
+    branch, step = x.target_id.rsplit("#", 1)
+    return branch.split("|"), int(step)
 
 
 # --- training ------------------------------------------------------------------------------
