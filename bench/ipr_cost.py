@@ -1,22 +1,27 @@
 """What IPR costs over ETO, from the same SFT model, in one run.
 
-Five runs of one config, in three storage roots:
+Six runs of one config, in four storage roots:
 
-- root A: ``eto`` (outcome pairs only: no expert or agent MC, ETO uses no step
-  reward) and ``ipr`` (IPR as configured: unpairable branches skipped, the
-  step-reward memo on);
-- root B: ``ipr-skip`` (skipping, no memo) and ``ipr-naive`` (every branch
-  scored, no memo: IPR's cost before either saving);
+- root A: ``eto`` (outcome pairs only, explored from the task's start: no
+  expert or agent MC, ETO uses no step reward) and ``ipr`` (IPR as configured:
+  unpairable branches skipped, the step-reward memo on, per iteration only the
+  expert steps the pairs compare get MC);
+- root B: ``ipr-skip`` (skipping, no memo) and ``ipr-naive`` (every branch and
+  every expert step scored, no memo: IPR's cost before any saving);
 - root C: ``ipr-action-memo`` (``mc.memo_ignores_thoughts``: an estimate
   reused at the same state and action whatever the thought), with a memo of
   its own: its cost, and how far the approximation moves iteration 1's step
-  rewards and pairs from ipr's exact ones.
+  rewards and pairs from ipr's exact ones;
+- root D: ``ipr-experts-up-front`` (``mc.expert_steps=all``: every expert
+  step scored once before iteration 1, as before the paired default).
 
 Runs of one root share their upstream stages (experts, SFT, evaluations) by
 stage identity; the memo is shared by a root's runs too, so the memo-less runs
 live in a root of their own (training is deterministic: both roots' SFT models
 are the same checkpoint, which the bench checks). The estimates, and so the
-pairs, of ipr, ipr-skip and ipr-naive are the same (the skip and the memo are exact).
+pairs, of ipr, ipr-skip, ipr-naive and ipr-experts-up-front are the same (the
+skip, the memo and the paired expert MC are exact): the bench checks that they
+end with the same models.
 Each run's cost counts every stage it needs as if it ran alone (copied stages
 carry their original wall time): stage wall time, generated tokens and MC
 rollouts; per iteration, the share of ipr-naive's agent MC rollouts that the
@@ -44,6 +49,7 @@ from ipr_core import store  # noqa: E402
 from ipr_core.config import load_config  # noqa: E402
 from ipr_core.experiment import PAPER_VARIANTS, run_cost  # noqa: E402
 from ipr_core.pipeline import run_local, run_plan, run_uri  # noqa: E402
+from ipr_core.pipeline.dag import step_reward_keys  # noqa: E402
 
 # name -> (overrides, root)
 VARIANTS = {
@@ -52,12 +58,13 @@ VARIANTS = {
     "ipr-skip": (["mc.memo=false"], "b"),
     "ipr-naive": (["mc.memo=false", "mc.score_all_branches=true"], "b"),
     "ipr-action-memo": (["mc.memo_ignores_thoughts=true"], "c"),
+    "ipr-experts-up-front": (["mc.expert_steps=all"], "d"),
 }
-PER_ITERATION = ("rollouts", "rollouts_reused", "estimates", "same_step_as_expert", "same_action_as_expert")
+PER_ITERATION = ("rollouts", "rollouts_reused", "estimates", "same_step_as_expert", "same_action_as_expert", "skipped_targets", "skipped_by_expert_reward")
 
 
-def _agent_mc(run: str, nodes, k: int) -> dict[str, int]:
-    ms = [store.read_manifest(store.join(run, n.key)) for n in nodes if n.stage == "agent-mc" and n.iteration == k]
+def _mc_meta(run: str, nodes, k: int | None, stage: str = "agent-mc") -> dict[str, int]:
+    ms = [store.read_manifest(store.join(run, n.key)) for n in nodes if n.stage == stage and n.iteration == k]
     return {key: sum(int(m.meta.get(key, 0)) for m in ms if m is not None) for key in PER_ITERATION}
 
 
@@ -70,26 +77,33 @@ def measure(config: str, overrides: list[str], root: str) -> dict:
         run = run_uri(cfg)
         nodes = run_plan(cfg, run)
         cost = run_cost(run, nodes)
-        per_iter = [_agent_mc(run, nodes, k) for k in range(1, cfg.pipeline.iterations + 1)]
-        sft = store.digest(store.join(run, "sft/model"))
-        out[name] = {**cost, "agent_mc": per_iter, "sft_digest": sft, "process_s": round(time.perf_counter() - t0, 1)}
+        its = range(1, cfg.pipeline.iterations + 1)
+        per_iter = [_mc_meta(run, nodes, k) for k in its]
+        # expert MC: up front (iteration None) or per iteration (mc.expert_steps=paired)
+        expert = [_mc_meta(run, nodes, None, "expert-mc")["rollouts"], *(_mc_meta(run, nodes, k, "expert-mc-paired")["rollouts"] for k in its)]
+        digest = {m: store.digest(store.join(run, m)) for m in ("sft/model", f"iter-{its[-1]:02d}/model")}
+        out[name] = {**cost, "agent_mc": per_iter, "expert_mc": expert, "digests": digest, "process_s": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {json.dumps(out[name])}", flush=True)
-    out["ipr-action-memo"]["moved"] = _moved(*(run_uri(load_config(config, [*overrides, f"storage.root={store.join(root, VARIANTS[n][1])}", f"run_name={n}"])) for n in ("ipr", "ipr-action-memo")))
-    if len({r["sft_digest"] for r in out.values()}) != 1:
+    cfgs = {n: load_config(config, [*overrides, *VARIANTS[n][0], f"storage.root={store.join(root, VARIANTS[n][1])}", f"run_name={n}"]) for n in ("ipr", "ipr-action-memo")}
+    out["ipr-action-memo"]["moved"] = _moved(*((c, run_uri(c)) for c in cfgs.values()))
+    if len({r["digests"]["sft/model"] for r in out.values()}) != 1:
         print("warning: the runs' SFT models differ (training is not deterministic here): the comparison is not from the same SFT model", flush=True)
+    exact = {n: out[n]["digests"] for n in ("ipr", "ipr-skip", "ipr-naive", "ipr-experts-up-front")}
+    same = len({json.dumps(d, sort_keys=True) for d in exact.values()}) == 1
+    print(f"exact variants ({', '.join(exact)}) end with the same models: {same}", flush=True)
     return out
 
 
-def _moved(exact: str, approx: str) -> dict:
+def _moved(exact: tuple, approx: tuple) -> dict:
     """Iteration 1 under the approximation vs exact: step rewards (expert and agent) that changed,
     their mean absolute change, and the pairs that differ (same exploration: both start from the SFT model)."""
     rewards = [
-        {(r["branch_id"], r["step"]): r["reward"] for key in ("scorer/expert_rewards", "iter-01/agent_rewards") for r in store.read_rows(store.join(run, key), "step_rewards")}
-        for run in (exact, approx)
+        {(r["branch_id"], r["step"]): r["reward"] for key in step_reward_keys(run_plan(cfg, run), 1) for r in store.read_rows(store.join(run, key), "step_rewards")}
+        for cfg, run in (exact, approx)
     ]  # fmt: skip
     common = sorted(set(rewards[0]) & set(rewards[1]))
     diffs = [abs(rewards[0][k] - rewards[1][k]) for k in common]
-    a, b = ({p["pair_id"]: (p["chosen"], p["rejected"]) for p in store.read_rows(store.join(run, "iter-01/pairs"), "pairs")} for run in (exact, approx))
+    a, b = ({p["pair_id"]: (p["chosen"], p["rejected"]) for p in store.read_rows(store.join(run, "iter-01/pairs"), "pairs")} for _, run in (exact, approx))
     return {
         "estimates": len(common), "changed": sum(d > 0 for d in diffs), "mae": round(sum(diffs) / len(diffs), 4) if diffs else None,
         "pairs_exact": len(a), "pairs_approx": len(b), "pairs_different": len(set(a) ^ set(b)) + sum(a[k] != b[k] for k in set(a) & set(b)),
@@ -102,10 +116,17 @@ def _ratio(a, b) -> str:
 
 def report(res: dict) -> str:
     eto = res["eto"]
-    lines = ["| run | stage wall time (s) | generated tokens | MC rollouts | agent MC rollouts per iteration | wall / ETO | tokens / ETO |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | stage wall time (s) | generated tokens | MC rollouts | expert MC rollouts (up front; per iteration) | agent MC rollouts per iteration | wall / ETO | tokens / ETO |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
     for name, c in res.items():
         per_iter = ", ".join(str(a["rollouts"]) for a in c["agent_mc"])
-        lines.append(f"| {name} | {c['wall_s']:.0f} | {c['generated_tokens'] or 0:,} | {c['mc_rollouts']:,} | {per_iter} | {_ratio(c['wall_s'], eto['wall_s'])} | {_ratio(c['generated_tokens'], eto['generated_tokens'])} |")
+        expert = f"{c['expert_mc'][0]}; {', '.join(map(str, c['expert_mc'][1:]))}"
+        lines.append(
+            f"| {name} | {c['wall_s']:.0f} | {c['generated_tokens'] or 0:,} | {c['mc_rollouts']:,} | {expert} | {per_iter} "
+            f"| {_ratio(c['wall_s'], eto['wall_s'])} | {_ratio(c['generated_tokens'], eto['generated_tokens'])} |"
+        )  # fmt: skip
     naive = res["ipr-naive"]
     for name in ("ipr-skip", "ipr"):
         share = ", ".join(f"iteration {k}: {_share(b['rollouts'], a['rollouts'])}" for k, (a, b) in enumerate(zip(naive["agent_mc"], res[name]["agent_mc"]), 1))
@@ -115,6 +136,8 @@ def report(res: dict) -> str:
         for k, a in enumerate(naive["agent_mc"], 1)
     )  # fmt: skip
     lines.append(f"Scored agent steps equal to the expert's step at the same prefix (ipr-naive): {same}.")
+    bound = ", ".join(f"iteration {k}: {a['skipped_by_expert_reward']} of {a['skipped_targets']}" for k, a in enumerate(res["ipr"]["agent_mc"], 1))
+    lines.append(f"Agent targets ipr skipped because their expert's step reward left no margin to win (of all it skipped): {bound}.")
     m = res["ipr-action-memo"]["moved"]
     lines.append(
         f"mc.memo_ignores_thoughts (iteration 1 vs exact): {m['changed']}/{m['estimates']} step rewards changed (mean absolute change {m['mae']}); "

@@ -163,7 +163,8 @@ def _pipeline(cfg: IPRConfig):
     st.submit_all(prologue)
     for n in prologue:
         st.uri(n)
-    tick("experts, base model, SFT, expert MC step rewards, base and SFT evaluation")
+    up_front = "expert MC step rewards, " if dag.expert_mc_up_front(cfg) else ""
+    tick(f"experts, base model, SFT, {up_front}base and SFT evaluation")
     nodes, computed = list(prologue), st.computed(prologue)
     rows = result_rows(st.run, prologue)
     uris = {n.key: st.uri(n) for n in prologue}
@@ -225,13 +226,14 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     top, on, note = summary.best(rows)
     tag = top["model"] if top is not None else "sft"
     best = (tag, summary.evaluated_model(st.run, nodes, tag), on, note)
-    expert_rewards = st.uri(next(n for n in nodes if n.stage == "expert-rewards"))
+    expert_rewards = [store.join(st.run, n.key) for n in dag.expert_mc_rewards(nodes)]
     pairs = [n for n in nodes if n.stage == "pairs"]
     agent = {n.iteration: store.join(st.run, dict(n.inputs)["agent_rewards_uri"]) for n in pairs}
-    links = {"best model": best[1], "SFT model": store.join(st.run, "sft/model"), "expert step rewards": expert_rewards}
+    links = {"best model": best[1], "SFT model": store.join(st.run, "sft/model")}
+    links |= {f"expert step rewards ({u.rsplit('/', 2)[-2]})": u for u in expert_rewards}
     notes = summary.run_data_notes(st.run, nodes, cfg.env.name)
     md, md_uri = rep.write_report(
-        store.join(st.run, "report"), cfg.run_name, rows, [r["reward"] for r in store.read_rows(expert_rewards, "step_rewards")],
+        store.join(st.run, "report"), cfg.run_name, rows, _expert_step_rewards(expert_rewards),
         {k: [r["reward"] for r in store.read_rows(u, "step_rewards")] for k, u in agent.items()}, best_text(best), links, notes,
     )  # fmt: skip
     create_markdown_artifact(md, key=artifact_key(cfg.run_name, "report"), description=f"IPR run report ({md_uri})")
@@ -245,6 +247,12 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     # The run's final state message, what the UI shows beside "Completed": the winner and every flag.
     flags = [f"{r['model']}: {r['note']}" for r in rows if r.get("note")]
     return Completed(message="; ".join([f"best: {best_text(best)}", *flags]), data=out)
+
+
+def _expert_step_rewards(uris: Sequence[str]) -> list[float]:
+    """The MC rewards of every expert step scored (each once, however many iterations compared it)."""
+    rows = {(r["branch_id"], r["step"]): r["reward"] for u in uris for r in store.read_rows(u, "step_rewards")}
+    return list(rows.values())
 
 
 def run_pipeline(cfg: IPRConfig, take_over: bool = False) -> dict:

@@ -88,17 +88,20 @@ def run_audit(cfg, run: str, iteration: int = 1, rollouts: int = 32, sample: int
 
     from ipr_core import store
     from ipr_core.pipeline import run_plan
+    from ipr_core.pipeline.dag import step_reward_keys
     from ipr_core.pipeline.runner import publish
     from ipr_core.pipeline.stage import Context, Rows
     from ipr_core.pipeline.stages import _branches, _episodes, ipr_experts, read_trajectories
 
-    at = {n.key: store.join(run, n.key) for n in run_plan(cfg, run)}
+    nodes = run_plan(cfg, run)
+    at = {n.key: store.join(run, n.key) for n in nodes}
     explore = [u for k, u in at.items() if k.startswith(f"iter-{iteration:02d}/explore/")]
-    need = ["experts/train", "sft/model", "scorer/expert_rewards", f"iter-{iteration:02d}/agent_rewards"]
+    step_rewards = step_reward_keys(nodes, iteration) or (f"iter-{iteration:02d}/expert_rewards", f"iter-{iteration:02d}/agent_rewards")
+    need = ["experts/train", "sft/model", *step_rewards]
     missing = [k for k in need if k not in at or not store.exists(at[k])] + [u for u in explore if not store.exists(u)]
     if missing or not explore:
         raise store.ArtifactNotFound(f"{run}: the audit needs iteration {iteration}'s exploration and step rewards; missing: {', '.join(missing) or 'exploration'}")
-    rewards = store.read_rows(at["scorer/expert_rewards"], "step_rewards") + store.read_rows(at[need[3]], "step_rewards")
+    rewards = [r for k in step_rewards for r in store.read_rows(at[k], "step_rewards")]
     cands = candidates(ipr_experts(cfg, read_trajectories(at["experts/train"])), _branches(explore), rewards, sample, cfg.seed)
     targets = list({(t.branch_id, t.step): t for c in cands for t in c}.values())
     specs = ipr.mc_specs(targets, rollouts, cfg.seed, scorer=SCORER_TAG)

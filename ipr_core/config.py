@@ -148,8 +148,16 @@ class MCConfig(_Section):
     score_all_branches: bool = Field(
         False,
         description="Run agent MC on every exploration branch. Off (default): a branch that cannot make a step pair whatever its step reward "
-        "(its outcome within pairs.tau_outcome of the expert's, or pairs.step_pairs off) gets no rollouts; exact for the pairs. "
+        "(its outcome within pairs.tau_outcome of the expert's, pairs.step_pairs off, or, with mc.mode=rollouts, an expert step reward "
+        "that leaves no pairs.tau_step margin to win in [0, 1]) gets no rollouts; exact for the pairs. "
         "On: every branch is scored (step-reward audits, training a reward model).",
+    )  # fmt: skip
+    expert_steps: Literal["paired", "all"] = Field(
+        "paired",
+        description="Which expert steps get MC step rewards. paired (default): each iteration rolls out only the expert steps its scored "
+        "agent branches are compared with (Eq. 8-9's r(e_{1:j+1}) for the branch at prefix j), and an estimate an earlier iteration made "
+        "comes from the memo; exact for the pairs. all: every expert step once, before iteration 1 (the reference code's order). "
+        "mc.mode=reward_model or hybrid (the model's labels) and mc.score_all_branches always score every expert step up front.",
     )  # fmt: skip
     memo: bool = Field(
         True,

@@ -255,9 +255,9 @@ def _row(variant: str, model: str, runs: Sequence[dict], base: dict[int, dict], 
 
 def _agent_mc(runs: Sequence[Mapping[str, Any]], iterations: Sequence[str]) -> dict[str, dict[str, float | None]]:
     """Per iteration, agent MC's (or the reward model's) columns of the iteration table, averaged over the seeds."""
-    from ipr_core.pipeline.summary import MC_COLUMNS
+    from ipr_core.pipeline.summary import EXPERT_MC_COLUMNS, MC_COLUMNS
 
-    cols = (*MC_COLUMNS, "agent_mc_s", "explore_mc_s", "rm_scored", "rm_rollouts_avoided", "rm_held_out_mae", "rm_pair_agreement")
+    cols = (*MC_COLUMNS, *EXPERT_MC_COLUMNS, "agent_mc_s", "expert_mc_s", "explore_mc_s", "rm_scored", "rm_rollouts_avoided", "rm_held_out_mae", "rm_pair_agreement")
     rows = {it: [row for r in runs for row in r["rows"] if row["model"] == it] for it in iterations}
     return {it: {c: _mean([row.get(c) for row in mine]) for c in cols} for it, mine in rows.items()}
 

@@ -78,6 +78,41 @@ def pairable_targets(targets: Sequence[MCTarget], expert_outcomes: Mapping[str, 
     return out
 
 
+def step_margin_reachable(r_expert: float | None, outcome_winner: str, tau_step: float) -> bool:
+    """Whether some agent step reward in [0, 1] (a mean of outcomes, which the
+    protocol keeps in [0, 1]) could win Eq. 8-9's step comparison against the
+    expert's r_expert in the direction the outcomes already chose. The expert
+    wins the step only if r_expert > r_agent + tau_s, so never when r_expert <= tau_s;
+    the agent only if r_agent > r_expert + tau_s, so never when r_expert + tau_s >= 1.
+    No expert reward (its rollouts all crashed): no pair either way."""
+    if r_expert is None:
+        return False
+    return winner(r_expert, 0.0, tau_step) == "expert" if outcome_winner == "expert" else winner(r_expert, 1.0, tau_step) == "agent"
+
+
+def decidable_targets(
+    targets: Sequence[MCTarget], expert_outcomes: Mapping[str, float], expert_rewards: Mapping[tuple[str, int], float], tau_outcome: float, tau_step: float
+) -> list[MCTarget]:
+    """The pairable targets (``pairable_targets``) whose pair the agent's step reward
+    can still decide, given the expert step it is compared with (``step_margin_reachable``):
+    the others make no pair whatever their rollouts say."""
+    out = []
+    for t in targets:
+        expert_id = t.branch_id.split("|")[1]
+        w = winner(expert_outcomes[expert_id], t.traj.outcome_reward, tau_outcome)
+        if w is not None and step_margin_reachable(expert_rewards.get((expert_id, t.step)), w, tau_step):
+            out.append(t)
+    return out
+
+
+def compared_expert_targets(branch_targets: Sequence[MCTarget], experts: Iterable[Trajectory]) -> list[MCTarget]:
+    """The expert steps Eq. 8-9 compare ``branch_targets`` with: r(e_{1:j+1}) for
+    the branch at prefix j (whose target is its step j+1), each once, in the
+    experts' order. Pairs need no other expert step reward."""
+    need = {(t.branch_id.split("|")[1], t.step) for t in branch_targets}
+    return [t for t in expert_targets(experts) if (t.branch_id, t.step) in need]
+
+
 def is_last_step(target: MCTarget) -> bool:
     """The last step of a finished episode: its step reward is the outcome itself."""
     return target.step == len(target.traj.steps) and target.traj.done
@@ -165,16 +200,18 @@ def branch_id(iteration: int, expert_id: str, j: int) -> str:
     return f"it{iteration:02d}|{expert_id}|j{j}"
 
 
-def explore_specs(experts: Sequence[Trajectory], iteration: int, run_seed: int) -> list:
+def explore_specs(experts: Sequence[Trajectory], iteration: int, run_seed: int, from_start_only: bool = False) -> list:
     """For every expert and j = 0..n-1: restore e_{1:j}, let the current policy
-    act on its own to the end (j = 0 is a full episode from scratch)."""
+    act on its own to the end (j = 0 is a full episode from scratch).
+    ``from_start_only``: j = 0 alone (ETO's exploration: without step pairs the
+    j >= 1 branches feed nothing)."""
     from ipr_core.rollout import EpisodeSpec
 
     specs = []
     for e in experts:
         if e.error is not None:
             continue
-        for j in range(len(e.steps)):
+        for j in range(1 if from_start_only else len(e.steps)):
             bid = branch_id(iteration, e.traj_id, j)
             specs.append(EpisodeSpec(key=bid, task=e.task, prefix=tuple(e.steps[:j]), seed=derive_seed(run_seed, "explore", iteration, e.traj_id, j), source="agent"))
     return specs

@@ -110,13 +110,16 @@ def markdown(run_name: str, rows: Sequence[Mapping], images: Mapping[str, str], 
 STEP_REWARD_COST = (
     ("agent_mc_targets", "MC targets", "d"), ("agent_mc_rollouts", "rollouts run", "d"), ("agent_mc_reused", "rollouts reused", "d"),
     ("agent_mc_skipped", "rollouts skipped", "d"), ("agent_mc_tokens", "generated tokens", "d"), ("agent_mc_s", "MC s", ".0f"),
+    ("expert_mc_targets", "expert MC targets", "d"), ("expert_mc_rollouts", "expert rollouts run", "d"), ("expert_mc_reused", "expert rollouts reused", "d"),
+    ("expert_mc_tokens", "expert MC tokens", "d"), ("expert_mc_s", "expert MC s", ".0f"),
     ("rm_scored", "scored by the reward model", "d"), ("rm_rollouts_avoided", "rollouts avoided by it", "d"),
     ("rm_held_out_mae", "its held-out MAE", ".3f"), ("rm_pair_agreement", "its pair agreement with MC", ".3f"),
 )  # fmt: skip
 
 
 def _step_reward_cost(rows: Sequence[Mapping]) -> list[str]:
-    """Per iteration, what the agent's step rewards cost: MC rollouts, or the reward model."""
+    """Per iteration, what the step rewards cost: the agent's MC rollouts or the reward
+    model, and (mc.expert_steps=paired) the expert steps' MC its pairs compare."""
     its = [r for r in rows if r.get("agent_mc_targets") is not None or r.get("rm_scored") is not None]
     if not its:
         return []
@@ -226,6 +229,11 @@ def experiment_markdown(res: Mapping, image: str, command: str | None = None) ->
         lines += ["", "Agent MC per iteration (mean over seeds): estimates needed, rollouts run, taken from the step-reward memo, skipped as unable to change a pair:", ""]
         lines += ["| variant | iteration | estimates | rollouts run | reused | skipped | generated tokens | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {v} | {it} | {number(c['agent_mc_targets'], 0)} | {number(c['agent_mc_rollouts'], 0)} | {number(c['agent_mc_reused'], 0)} | {number(c['agent_mc_skipped'], 0)} | {number(c['agent_mc_tokens'], 0)} | {number(c['agent_mc_s'], 0)} |" for v, it, c in mc]
+    expert = [(v, it, c) for v, it, c in mc if c.get("expert_mc_targets") is not None]
+    if expert:
+        lines += ["", "Expert MC per iteration (mc.expert_steps=paired; mean over seeds): the expert steps the iteration's pairs compare, rollouts run, taken from the memo (estimated by an earlier iteration):", ""]
+        lines += ["| variant | iteration | estimates | rollouts run | reused | generated tokens | wall time (s) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {v} | {it} | {number(c['expert_mc_targets'], 0)} | {number(c['expert_mc_rollouts'], 0)} | {number(c['expert_mc_reused'], 0)} | {number(c['expert_mc_tokens'], 0)} | {number(c['expert_mc_s'], 0)} |" for v, it, c in expert]
     rm = [(v, it, c) for v, cv in res["cost"].items() for it, c in cv.get("agent_mc", {}).items() if c.get("rm_scored") is not None]
     if rm:
         lines += ["", "Agent step rewards from the learned reward model (mean over seeds): steps it scored, the MC rollouts that took the place of, its error and pair agreement against MC on held-out tasks (the model on both sides of the comparison where it scores the expert steps too, mc.reward_model_experts), and the iteration's exploration + step-reward wall time (the model's training included):", ""]

@@ -8,7 +8,8 @@ import pytest
 from helpers import TINY_RUN
 from ipr_core import store
 from ipr_core.config import load_config
-from ipr_core.pipeline import run_local, run_uri
+from ipr_core.pipeline import run_local, run_plan, run_uri
+from ipr_core.pipeline.stages import ipr_experts, read_trajectories
 
 
 def _run(root, name: str, *extra: str):
@@ -43,13 +44,15 @@ def test_unpairable_branches_run_no_rollouts_and_pairs_are_unchanged(tmp_path):
 
 
 def test_without_step_pairs_no_mc_runs_at_all(tmp_path):
-    """ETO (outcome pairs only) uses no step reward: neither expert nor agent MC runs."""
+    """ETO (outcome pairs only) uses no step reward: it explores from the task's start
+    only, and neither expert nor agent MC is in its DAG."""
     pytest.importorskip("minigrid")
-    _, eto = _run(tmp_path, "eto", "pairs.step_pairs=false")
-    assert not store.exists(store.join(eto, "scorer/expert_mc/shard-000"))  # not in the DAG
-    m = store.read_manifest(store.join(eto, "iter-01/agent_mc/shard-000"))
-    assert m.rows == 0 and m.meta["rollouts"] == 0 and m.meta["skipped_targets"] > 0, m.meta
-    last_only = store.read_rows(store.join(eto, "scorer/expert_rewards"), "step_rewards")
-    assert last_only and all(r["is_last"] for r in last_only)  # the expert's last steps: their outcome, no rollouts
+    cfg, eto = _run(tmp_path, "eto", "pairs.step_pairs=false")
+    keys = {n.key for n in run_plan(cfg, eto)}
+    assert not {k for k in keys if "_mc/" in k}, sorted(keys)
+    branches = [r for s in ("shard-000", "shard-001") for r in store.read_rows(store.join(eto, "iter-01/explore", s), "branches")]
+    experts = ipr_experts(cfg, read_trajectories(store.join(eto, "experts/train")))
+    assert sorted(b["branch_id"] for b in branches) == sorted(f"it01|{e.traj_id}|j0" for e in experts)  # one from each start
+    assert store.read_rows(store.join(eto, "iter-01/expert_rewards"), "step_rewards") == []
     pairs = store.read_rows(store.join(eto, "iter-01/pairs"), "pairs")
     assert pairs and {p["kind"] for p in pairs} == {"outcome"}

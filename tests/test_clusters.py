@@ -92,7 +92,7 @@ def reference(prefect_server, moto_server, tmp_path_factory):  # noqa: F811
     done = _run(tmp_path_factory.mktemp("threads"), env, root, {"task_runner": "threads"})
     assert done.returncode == 0, done.stdout[-4000:]
     digests = content_digests(store.join(root, "cluster"))
-    assert {"iter-01/model", "eval/test/iter-01", "scorer/expert_rewards", "iter-01/pairs"} <= set(digests)
+    assert {"iter-01/model", "eval/test/iter-01", "iter-01/expert_rewards", "iter-01/pairs"} <= set(digests)
     for model in ("sft/model", "iter-01/model"):  # trained on 2 processes (all-reduced): the world size the trainer saw
         assert store.read_manifest(store.join(root, "cluster", model)).meta["processes"] == 2
     return digests
@@ -176,7 +176,7 @@ def dask_cluster(env: dict, logs: Path) -> Iterator[str]:
 
 
 def _mc_started(root: str) -> bool:
-    return store.exists(store.join(root, "cluster", "scorer", "expert_mc", "shard-000"))
+    return store.exists(store.join(root, "cluster", "iter-01", "expert_mc", "shard-000"))
 
 
 def _ray_shard_worker() -> int | None:

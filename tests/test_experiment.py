@@ -100,14 +100,14 @@ def test_variants_share_upstream_and_a_killed_experiment_resumes(prefect_server,
     assert "ipr-single-action-s0/eval/test/iter-01" in after
 
     # 3. upstream computed once, copied by the other variant; iterations each their own
-    for key in ("experts/train", "sft/model", "scorer/expert_mc/shard-000", "scorer/expert_rewards", "eval/test/sft", "eval/val/sft"):
+    for key in ("experts/train", "sft/model", "eval/test/sft", "eval/val/sft"):
         origins = sorted(after[f"{v}/{key}"].origin for v in ("ipr-s0", "ipr-single-action-s0"))
         assert origins[0] == "computed" and origins[1].startswith("copied from "), (key, origins)
         assert after[f"ipr-s0/{key}"].digest == after[f"ipr-single-action-s0/{key}"].digest
     for key in ("iter-01/pairs", "iter-01/model"):
         assert after[f"ipr-s0/{key}"].origin == after[f"ipr-single-action-s0/{key}"].origin == "computed", key
-    # same exploration and agent MC (shared), pairs of another shape: the same pairs counted
-    for key in ("iter-01/explore/shard-000", "iter-01/agent_mc/shard-000"):
+    # same exploration, expert and agent MC (shared), pairs of another shape: the same pairs counted
+    for key in ("iter-01/explore/shard-000", "iter-01/expert_mc/shard-000", "iter-01/agent_mc/shard-000", "iter-01/expert_rewards"):
         assert after[f"ipr-s0/{key}"].digest == after[f"ipr-single-action-s0/{key}"].digest, key
     counts = [{k: after[f"{v}/iter-01/pairs"].meta[k] for k in ("outcome", "step")} for v in ("ipr-s0", "ipr-single-action-s0")]
     assert counts[0] == counts[1] and counts[0]["outcome"] + counts[0]["step"] > 0, counts

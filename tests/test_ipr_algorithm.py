@@ -207,3 +207,20 @@ def test_pairs_from_skipped_branches_equal_pairs_from_all(agent_reward):
     assert len(scored) < len(everyone)
     for rules in (RULES, ipr.PairRules(0.1, 0.1, step_variant="single_action")):
         assert ipr.build_pairs(experts, branches, scored, rules, 1) == ipr.build_pairs(experts, branches, everyone, rules, 1)
+
+
+@pytest.mark.parametrize("expert_reward", [0.0, 0.1, 0.1000001, 0.5, 0.9, 0.95, 1.0, None])
+@pytest.mark.parametrize("expert_outcome", [0.0, 1.0])
+def test_the_expert_reward_bound_skips_exactly_the_branches_no_reward_could_pair(expert_reward, expert_outcome):
+    """decidable_targets keeps a branch iff SOME agent step reward in [0, 1] makes a
+    step pair against that expert reward: checked against build_pairs on a grid of
+    agent rewards (both directions: the expert's outcome above the branch's, and below)."""
+    expert = T("e0", ["a", "b", "c"], expert_outcome)
+    branch = T("it01|e0|j1", ["a", "x", "y"], 1.0 - expert_outcome, prefix_len=1, source="agent")
+    [target] = ipr.branch_targets([(branch.traj_id, branch)])
+    rewards = {("e0", 2): expert_reward} if expert_reward is not None else {}
+    kept = ipr.decidable_targets([target], {"e0": expert_outcome}, rewards, RULES.tau_outcome, RULES.tau_step)
+    expert_rows = [{"branch_id": "e0", "step": 2, "reward": expert_reward}] if expert_reward is not None else []
+    grid = [i / 100 for i in range(101)]
+    pairs = [ipr.build_pairs([expert], [branch], [*expert_rows, {"branch_id": branch.traj_id, "step": 2, "reward": r}], RULES, 1) for r in grid]
+    assert bool(kept) == any(pairs), (expert_reward, expert_outcome)

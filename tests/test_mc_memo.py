@@ -59,13 +59,13 @@ def test_a_branch_that_repeats_the_expert_gets_the_experts_reward_with_no_rollou
     publish(branches, "branches", Rows(ipr.branch_rows([branch], 9)))
 
     mc_out = store.join(str(root), "handmade", "agent_mc")
-    inputs = {"scorer_uri": store.join(run, "sft/model"), "branches_uri": branches, "experts_uri": store.join(run, "experts/train")}
+    inputs = {"scorer_uri": store.join(run, "sft/model"), "branches_uri": branches, "experts_uri": store.join(run, "experts/train"), "expert_rewards_uri": store.join(run, "scorer/expert_rewards")}
     execute(Call(STAGES["agent-mc"], mc_out, {"iteration": 9, "shard": 0}, inputs), cfg, str(root))
     m = store.read_manifest(mc_out).meta
     assert m["estimates"] == 1 and m["rollouts"] == 0 and m["targets_reused"] == 1 and m["same_step_as_expert"] == 1, m
 
     rewards_out = store.join(str(root), "handmade", "agent_rewards")
-    call = Call(STAGES["agent-rewards"], rewards_out, {"iteration": 9}, {"branches_uris": [branches], "experts_uri": inputs["experts_uri"], "mc_uris": [mc_out]})
+    call = Call(STAGES["agent-rewards"], rewards_out, {"iteration": 9}, {"branches_uris": [branches], "experts_uri": inputs["experts_uri"], "expert_rewards_uri": inputs["expert_rewards_uri"], "mc_uris": [mc_out]})
     execute(call, cfg, str(root))
     [mine] = store.read_rows(rewards_out, "step_rewards")
     theirs = {(r["branch_id"], r["step"]): r for r in store.read_rows(store.join(run, "scorer/expert_rewards"), "step_rewards")}[(expert.traj_id, 2)]

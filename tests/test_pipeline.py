@@ -74,7 +74,7 @@ def test_s3_run_kill_resume_and_deleted_artifact(prefect_server, moto_server, s3
     assert "iter-02" in done.stdout and "sft" in done.stdout
     s3_run = store.join(s3_root, "same")
     reference = _manifests(s3_run)
-    assert {"iter-02/model", "eval/test/iter-02", "scorer/expert_rewards", "iter-01/pairs"} <= set(reference)
+    assert {"iter-02/model", "eval/test/iter-02", "iter-01/expert_rewards", "iter-01/pairs"} <= set(reference)
     status = subprocess.run(IPR + ["status", s3_run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "MISSING" not in status.stdout, status.stdout
 

@@ -48,7 +48,10 @@ def test_every_stage_of_the_plan_ran_through_its_declaration(first_run):
     # each one read only what it declares, or it would have raised; the reward-model
     # stages run only with mc.mode=reward_model / hybrid (tests/test_reward_model_stage.py runs them)
     learned = {"reward-model", "agent-rm-rewards", "expert-rm-rewards", "hybrid-mc", "hybrid-rewards"}
-    assert ran == set(STAGES) - learned
+    # every expert step up front: mc.expert_steps=all (tests/test_paired_expert_mc.py, tests/test_mc_memo.py run them)
+    up_front = {"expert-mc", "expert-rewards"}
+    assert ran == set(STAGES) - learned - up_front
+    assert up_front <= {n.stage for n in plan(cfg.model_copy(update={"mc": cfg.mc.model_copy(update={"expert_steps": "all"})}), 2)}
     hybrid = cfg.model_copy(update={"mc": cfg.mc.model_copy(update={"mode": "hybrid", "reward_model_from": 1})})
     both = cfg.model_copy(update={"mc": cfg.mc.model_copy(update={"mode": "reward_model", "reward_model_from": 1, "reward_model_experts": True})})
     assert learned <= {n.stage for n in plan(hybrid, 2)} | {n.stage for n in plan(both, 2)}
@@ -79,12 +82,12 @@ def test_mc_rollouts_recompute_mc_but_not_exploration(first_run):
     run_local(third)  # copies of the first run
     t0 = time.time()
     changed = load_config(None, [*TINY_RUN, f"storage.root={root}", "run_name=third", "mc.n_rollouts=3"])
-    explain = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", run_uri(third), "expert-mc", "--set", "mc.n_rollouts=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    explain = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", run_uri(third), "expert-mc-paired", "--set", "mc.n_rollouts=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert explain.returncode == 0, explain.stderr
     assert "config mc.n_rollouts changed: 2 -> 3" in explain.stdout and "up to date" not in explain.stdout
     run_local(changed)
     computed = _computed_since(run_uri(changed), t0)
-    assert {"scorer/expert_mc/shard-000", "scorer/expert_mc/shard-001", "iter-01/agent_mc/shard-000", "scorer/expert_rewards"} <= computed
+    assert {"iter-01/expert_mc/shard-000", "iter-01/expert_mc/shard-001", "iter-01/agent_mc/shard-000", "iter-01/expert_rewards"} <= computed
     assert not any("explore" in k for k in computed), computed
     assert not computed & {"experts/train", "sft/model", "base/model", "eval/test/sft", "tasks/test"}
     again = subprocess.run([sys.executable, "-m", "ipr_cli.main", "explain", run_uri(third), "explore"], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -70,7 +70,7 @@ def config(root: Path, mode: str, run_name: str, *, seed: int = 3, backend: str 
             "openai": {"max_concurrency": 8, "timeout_s": 120, "max_retries": 2, "backoff_s": 0.5},
         },
         "sampling": {"max_new_tokens": 12, "batch_size": 16, "history_turns": 1},
-        "mc": {"n_rollouts": 2, "shard_size": 2},
+        "mc": {"n_rollouts": 2, "shard_size": 2, "expert_steps": "all"},  # every expert step: the scorer serves rollouts up front
         "training": {"sft": {"epochs": 1, "lr": 0.002, "batch_size": 8}, "ipr": {"epochs": 1, "batch_size": 4}},
         "pipeline": {"iterations": 1, "eval_base": False, "max_workers": 1, "torch_threads": 1, "retries": 2, "retry_delay_s": 1.0},
         "storage": {"root": str(root)},

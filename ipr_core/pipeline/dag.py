@@ -15,7 +15,7 @@ from ipr_core import store
 from ipr_core.config import IPRConfig
 from ipr_core.pipeline.runner import Call
 from ipr_core.pipeline.stage import Stage
-from ipr_core.pipeline.stages import SPLITS, STAGES, ipr_experts, n_shards, read_trajectories
+from ipr_core.pipeline.stages import SPLITS, STAGES, ipr_experts, n_shards, read_trajectories, scores_steps
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,27 @@ def prologue(cfg: IPRConfig, shards: int) -> list[Node]:
     sft = node("sft", base_uri=base, experts_uri=experts)
     evals = evaluations(base, tasks, "base", -1) if cfg.pipeline.eval_base else []
     evals += evaluations(sft, tasks, "sft", 0)
+    if not expert_mc_up_front(cfg):  # each iteration scores the expert steps its pairs compare
+        return [experts, *tasks, base, sft, *evals]
     # Without step pairs (ETO) no step reward is used: no expert MC, unless every branch is scored.
-    mc_shards = shards if cfg.pairs.step_pairs or cfg.mc.score_all_branches else 0
+    mc_shards = shards if scores_steps(cfg) else 0
     mc = [node("expert-mc", scorer_uri=sft, experts_uri=experts, shard=s) for s in range(mc_shards)]
     return [experts, *tasks, base, sft, *evals, *mc, node("expert-rewards", experts_uri=experts, mc_uris=mc)]
+
+
+def expert_mc_up_front(cfg: IPRConfig) -> bool:
+    """Whether every expert step is scored once, before iteration 1: mc.expert_steps=all,
+    a reward model's labels (mc.mode reward_model / hybrid), or mc.score_all_branches.
+    Else (mc.expert_steps=paired) each iteration scores the expert steps its pairs compare."""
+    return cfg.mc.expert_steps == "all" or cfg.mc.mode != "rollouts" or cfg.mc.score_all_branches
+
+
+def paired_expert_rewards(cfg: IPRConfig, k: int, sft: Node, experts: Node, explore: Sequence[Node]) -> list[Node]:
+    """Iteration k's expert MC (mc.expert_steps=paired): one shard per exploration
+    shard (none without step pairs), then the step rewards its pairs read (last)."""
+    kw = {"scorer_uri": sft, "experts_uri": experts, "iteration": k}
+    mc = [node("expert-mc-paired", branches_uri=e, shard=s, **kw) for s, e in enumerate(explore)] if cfg.pairs.step_pairs else []
+    return [*mc, node("expert-rewards-paired", branches_uris=explore, experts_uri=experts, mc_uris=mc, iteration=k)]
 
 
 def uses_reward_model(cfg: IPRConfig, k: int) -> bool:
@@ -113,7 +130,8 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
     by = {n.stage: n for n in prologue_nodes}
     experts, sft = by["experts"], by["sft"]
     explore = [node("explore", policy_uri=policy, experts_uri=experts, iteration=k, shard=s) for s in range(shards)]
-    expert_rewards = by["expert-rewards"]
+    expert_mc = [] if "expert-rewards" in by else paired_expert_rewards(cfg, k, sft, experts, explore)
+    expert_rewards = by["expert-rewards"] if "expert-rewards" in by else expert_mc[-1]
     if uses_reward_model(cfg, k):
         rm = reward_model_node(cfg, shards, prologue_nodes)
         rewards = node("agent-rm-rewards", rm_uri=rm, branches_uris=explore, experts_uri=experts, iteration=k)
@@ -128,13 +146,14 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
             mc += hybrid
             rewards = node("hybrid-rewards", branches_uris=explore, experts_uri=experts, expert_rewards_uri=er, rm_rewards_uri=rewards, mc_uris=hybrid, iteration=k)
     else:
-        mc = [node("agent-mc", scorer_uri=sft, branches_uri=e, experts_uri=experts, iteration=k, shard=s) for s, e in enumerate(explore)]
-        rewards = node("agent-rewards", branches_uris=explore, experts_uri=experts, mc_uris=mc, iteration=k)
+        kw = {"scorer_uri": sft, "experts_uri": experts, "expert_rewards_uri": expert_rewards, "iteration": k}
+        mc = [node("agent-mc", branches_uri=e, shard=s, **kw) for s, e in enumerate(explore)] if scores_steps(cfg) else []
+        rewards = node("agent-rewards", branches_uris=explore, experts_uri=experts, expert_rewards_uri=expert_rewards, mc_uris=mc, iteration=k)
     pairs = node("pairs", experts_uri=experts, branches_uris=explore, expert_rewards_uri=expert_rewards, agent_rewards_uri=rewards, iteration=k)
     reference = sft if cfg.training.ipr.reference == "sft" else policy
     model = node("train", policy_uri=policy, reference_uri=reference, pairs_uri=pairs, experts_uri=experts, iteration=k)
     tasks = [n for n in prologue_nodes if n.stage == "eval-tasks"]
-    return [*explore, *mc, rewards, pairs, model, *evaluations(model, tasks, f"iter-{k:02d}", k)]
+    return [*explore, *expert_mc, *mc, rewards, pairs, model, *evaluations(model, tasks, f"iter-{k:02d}", k)]
 
 
 def agent_rewards_node(nodes: Sequence[Node]) -> Node | None:
@@ -145,6 +164,19 @@ def agent_rewards_node(nodes: Sequence[Node]) -> Node | None:
         return None
     key = dict(pairs.inputs)["agent_rewards_uri"]
     return next(n for n in nodes if n.key == key)
+
+
+def step_reward_keys(nodes: Sequence[Node], k: int) -> tuple[str, str] | None:
+    """The keys of the expert and the agent step rewards iteration k's pairs read
+    (expert: the prologue's, the iteration's own with mc.expert_steps=paired, or the
+    reward model's); None when the plan has no iteration k."""
+    pairs = next((n for n in nodes if n.stage == "pairs" and n.iteration == k), None)
+    return None if pairs is None else (dict(pairs.inputs)["expert_rewards_uri"], dict(pairs.inputs)["agent_rewards_uri"])
+
+
+def expert_mc_rewards(nodes: Sequence[Node]) -> list[Node]:
+    """The nodes holding MC's expert step rewards: the prologue's, or each iteration's."""
+    return [n for n in nodes if n.stage in ("expert-rewards", "expert-rewards-paired")]
 
 
 def trained(nodes: Sequence[Node]) -> Node:

@@ -275,6 +275,8 @@ def expert_mc(ctx: Context, scorer_uri: str, experts_uri: str, shard: int) -> Ro
 
 # What decides which branches agent MC scores (ipr.pairable_targets).
 AGENT_TARGETS = (*TRAIN_SET, "pairs.tau_outcome", "pairs.step_pairs", "mc.score_all_branches")
+# ... and, given the expert step rewards, which of those its rewards can still decide (ipr.decidable_targets)
+DECIDABLE = (*AGENT_TARGETS, "pairs.tau_step", "mc.mode")
 
 
 def pair_rules(cfg) -> ipr.PairRules:
@@ -282,24 +284,37 @@ def pair_rules(cfg) -> ipr.PairRules:
     return ipr.PairRules(p.tau_step, p.tau_outcome, p.step_variant, p.outcome_pairs, p.step_pairs)
 
 
-def _agent_targets(cfg, branches: Sequence[Trajectory], experts: Sequence[Trajectory]) -> tuple[list, list]:
+def _agent_targets(cfg, branches: Sequence[Trajectory], experts: Sequence[Trajectory], expert_rewards_uri: str | None = None) -> tuple[list, list]:
     """The branches' MC targets (the agent's first own action), less those that cannot
     make a pair unless ``mc.score_all_branches``; and those left out. ``experts``: the
-    expert trajectories IPR explores along (``ipr_experts``)."""
+    expert trajectories IPR explores along (``ipr_experts``). With ``expert_rewards_uri``
+    (the expert step rewards the pairs compare; mc.mode=rollouts), also less the
+    targets whose expert reward leaves no step margin to win (``ipr.decidable_targets``)."""
     targets = ipr.branch_targets([(b.traj_id, b) for b in branches])
     if cfg.mc.score_all_branches:
         return targets, []
-    kept = ipr.pairable_targets(targets, {e.traj_id: e.outcome_reward for e in experts}, cfg.pairs.tau_outcome, cfg.pairs.step_pairs)
+    outcomes = {e.traj_id: e.outcome_reward for e in experts}
+    kept = ipr.pairable_targets(targets, outcomes, cfg.pairs.tau_outcome, cfg.pairs.step_pairs)
+    if expert_rewards_uri is not None and cfg.mc.mode == "rollouts":
+        expert_rewards = _by_target(store.read_rows(expert_rewards_uri, "step_rewards"))
+        decidable = {(t.branch_id, t.step) for t in ipr.decidable_targets(kept, outcomes, expert_rewards, cfg.pairs.tau_outcome, cfg.pairs.tau_step)}
+        kept = [t for t in kept if ipr.is_last_step(t) or (t.branch_id, t.step) in decidable]  # a last step costs no rollout
     ids = {(t.branch_id, t.step) for t in kept}
     return kept, [t for t in targets if (t.branch_id, t.step) not in ids]
 
 
-@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS), cost=MC_COST, needs="generation")
-def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
+@stage("agent-mc", path="iter-{iteration:02d}/agent_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *DECIDABLE), cost=MC_COST, needs="generation")
+def agent_mc(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, expert_rewards_uri: str, iteration: int, shard: int) -> Rows:
     """Stage 1 for the agent: N scorer rollouts after each branch's first own action
-    (branches that cannot make a pair are skipped: ``mc.score_all_branches``)."""
-    experts = ipr_experts(ctx.cfg, read_trajectories(experts_uri))
-    return _agent_mc(ctx, scorer_uri, experts, *_agent_targets(ctx.cfg, read_trajectories(branches_uri, "branches"), experts))
+    (branches that cannot make a pair are skipped: ``mc.score_all_branches``), once
+    the expert steps they are compared with have their rewards (``expert_rewards_uri``)."""
+    cfg = ctx.cfg
+    experts = ipr_experts(cfg, read_trajectories(experts_uri))
+    branches = read_trajectories(branches_uri, "branches")
+    targets, skipped = _agent_targets(cfg, branches, experts, expert_rewards_uri)
+    out = _agent_mc(ctx, scorer_uri, experts, targets, skipped)
+    by_outcome = len(_agent_targets(cfg, branches, experts)[1])  # the rest of the skipped: the expert's reward decided
+    return Rows(out.rows, {**out.meta, "skipped_by_expert_reward": len(skipped) - by_outcome})
 
 
 def _agent_mc(ctx: Context, scorer_uri: str, experts: Sequence[Trajectory], targets: Sequence[ipr.MCTarget], skipped: Sequence[ipr.MCTarget]) -> Rows:
@@ -326,6 +341,21 @@ def _same_as_expert(scope: mc_memo.Scope, targets: Sequence[ipr.MCTarget], exper
     return {"same_step_as_expert": exact, "same_action_as_expert": action}
 
 
+def _compared_expert_targets(cfg, branches: Sequence[Trajectory], experts_uri: str) -> list[ipr.MCTarget]:
+    """The expert steps the branches agent MC scores are compared with."""
+    experts = ipr_experts(cfg, read_trajectories(experts_uri))
+    return ipr.compared_expert_targets(_agent_targets(cfg, branches, experts)[0], experts)
+
+
+@stage("expert-mc-paired", path="iter-{iteration:02d}/expert_mc/shard-{shard:03d}", kind="mc_rollouts", reads=(*MC, *AGENT_TARGETS), cost=MC_COST, needs="generation")
+def expert_mc_paired(ctx: Context, scorer_uri: str, branches_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
+    """Stage 1 for the expert, per iteration (``mc.expert_steps=paired``): N scorer
+    rollouts after each expert step this shard's scored branches are compared with;
+    a step an earlier iteration already estimated comes from the memo."""
+    targets = _compared_expert_targets(ctx.cfg, read_trajectories(branches_uri, "branches"), experts_uri)
+    return _mc(ctx, scorer_uri, _scope(ctx, scorer_uri), targets)
+
+
 def _rewards(targets, mc_uris: Sequence[str]) -> Rows:
     rows = ipr.step_rewards(targets, [r for u in mc_uris for r in store.read_rows(u, "mc_rollouts")])
     return Rows(rows, ipr.reward_stats(rows))
@@ -337,16 +367,34 @@ def expert_rewards(ctx: Context, experts_uri: str, mc_uris: list[str]) -> Rows:
     return _rewards(ipr.expert_targets(ipr_experts(ctx.cfg, read_trajectories(experts_uri))), mc_uris)
 
 
-@stage("agent-rewards", path="iter-{iteration:02d}/agent_rewards", kind="step_rewards", reads=AGENT_TARGETS)
-def agent_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, mc_uris: list[str], iteration: int) -> Rows:
+@stage("expert-rewards-paired", path="iter-{iteration:02d}/expert_rewards", kind="step_rewards", reads=AGENT_TARGETS)
+def expert_rewards_paired(ctx: Context, branches_uris: list[str], experts_uri: str, mc_uris: list[str], iteration: int) -> Rows:
+    """Eq. 3-5 over the expert steps this iteration's pairs compare (``mc.expert_steps=paired``)."""
+    return _rewards(_compared_expert_targets(ctx.cfg, _branches(branches_uris), experts_uri), mc_uris)
+
+
+@stage("agent-rewards", path="iter-{iteration:02d}/agent_rewards", kind="step_rewards", reads=DECIDABLE)
+def agent_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, expert_rewards_uri: str, mc_uris: list[str], iteration: int) -> Rows:
     """Eq. 3-5 over the agent's first own action of every branch agent MC scored."""
-    return _rewards(_agent_targets(ctx.cfg, _branches(branches_uris), ipr_experts(ctx.cfg, read_trajectories(experts_uri)))[0], mc_uris)
+    experts = ipr_experts(ctx.cfg, read_trajectories(experts_uri))
+    return _rewards(_agent_targets(ctx.cfg, _branches(branches_uris), experts, expert_rewards_uri)[0], mc_uris)
 
 
-@stage("explore", path="iter-{iteration:02d}/explore/shard-{shard:03d}", kind="branches", reads=(*EPISODES, *TRAIN_SET, "mc.shard_size", "sampling.explore_temperature"), cost=EPISODE_COST, needs="generation")
+EXPLORE_FROM = ("pairs.step_pairs", "mc.score_all_branches")  # what decides whether j >= 1 branches are explored
+
+
+def scores_steps(cfg) -> bool:
+    """Whether anything reads step rewards: step pairs, or every branch scored
+    anyway. Without (ETO) no MC runs and only j = 0 branches are explored."""
+    return cfg.pairs.step_pairs or cfg.mc.score_all_branches
+
+
+@stage("explore", path="iter-{iteration:02d}/explore/shard-{shard:03d}", kind="branches", reads=(*EPISODES, *TRAIN_SET, "mc.shard_size", "sampling.explore_temperature", *EXPLORE_FROM), cost=EPISODE_COST, needs="generation")
 def explore(ctx: Context, policy_uri: str, experts_uri: str, iteration: int, shard: int) -> Rows:
-    """Stage 2: the current policy continues greedily from every expert prefix e_{1:j}."""
-    specs = ipr.explore_specs(_shard(ctx.cfg, experts_uri, shard), iteration, ctx.cfg.seed)
+    """Stage 2: the current policy continues greedily from every expert prefix e_{1:j}
+    (from the task's start only when no step pair or step reward will read j >= 1 branches)."""
+    cfg = ctx.cfg
+    specs = ipr.explore_specs(_shard(cfg, experts_uri, shard), iteration, cfg.seed, from_start_only=not scores_steps(cfg))
     eps, cost = _episodes(ctx, policy_uri, specs, ctx.cfg.sampling.explore_temperature)
     rows = ipr.branch_rows(eps, iteration)
     return Rows(rows, {"branches": len(rows), **cost})
@@ -484,4 +532,4 @@ def hybrid_rewards(ctx: Context, branches_uris: list[str], experts_uri: str, exp
     return Rows(rows, {**ipr.reward_stats(rows), "mc_targets": len(near), "model_decided": decided, "rollouts_avoided": cfg.mc.n_rollouts * decided})
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_rewards, agent_rewards, explore, pairs, train, reward_model, agent_rm_rewards, expert_rm_rewards, hybrid_mc, hybrid_rewards)}
+STAGES: dict[str, Stage] = {s.name: s for s in (collect_experts, eval_tasks, base_model, sft, evaluate, expert_mc, agent_mc, expert_mc_paired, expert_rewards, expert_rewards_paired, agent_rewards, explore, pairs, train, reward_model, agent_rm_rewards, expert_rm_rewards, hybrid_mc, hybrid_rewards)}

@@ -9,10 +9,12 @@ from ipr_core import store
 from ipr_core.pipeline.dag import Node, agent_rewards_node
 from ipr_core.pipeline.stages import STAGES
 
-COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_mc_targets", "agent_mc_rollouts", "agent_mc_reused", "agent_mc_skipped", "agent_mc_tokens", "rm_scored", "rm_rollouts_avoided", "rm_held_out_mae", "rm_pair_agreement", "agent_step_reward_mean", "agent_mc_s", "explore_mc_s", "pairs_s", "train_s", "eval_s", "peak_rss_mb", "note")
+COLUMNS = ("model", "success_rate", "mean_reward", "val_success_rate", "val_mean_reward", "outcome_pairs", "step_pairs", "train_loss", "train_steps", "agent_mc_targets", "agent_mc_rollouts", "agent_mc_reused", "agent_mc_skipped", "agent_mc_tokens", "expert_mc_targets", "expert_mc_rollouts", "expert_mc_reused", "expert_mc_tokens", "rm_scored", "rm_rollouts_avoided", "rm_held_out_mae", "rm_pair_agreement", "agent_step_reward_mean", "agent_mc_s", "expert_mc_s", "explore_mc_s", "pairs_s", "train_s", "eval_s", "peak_rss_mb", "note")
 MC_COLUMNS = {"agent_mc_targets": "estimates", "agent_mc_rollouts": "rollouts", "agent_mc_reused": "rollouts_reused", "agent_mc_skipped": "skipped_rollouts", "agent_mc_tokens": "generated_tokens"}
+# mc.expert_steps=paired: the iteration's expert MC (the expert steps its pairs compare)
+EXPERT_MC_COLUMNS = {"expert_mc_targets": "estimates", "expert_mc_rollouts": "rollouts", "expert_mc_reused": "rollouts_reused", "expert_mc_tokens": "generated_tokens"}
 # Which stages' wall time each time column sums.
-TIMES = {"agent_mc_s": ("agent-mc", "hybrid-mc"), "explore_mc_s": ("explore", "agent-mc", "agent-rewards", "agent-rm-rewards", "reward-model", "hybrid-mc", "hybrid-rewards"), "pairs_s": ("pairs",), "train_s": ("train",), "eval_s": ("evaluate",)}
+TIMES = {"agent_mc_s": ("agent-mc", "hybrid-mc"), "expert_mc_s": ("expert-mc-paired",), "explore_mc_s": ("explore", "agent-mc", "agent-rewards", "expert-mc-paired", "expert-rewards-paired", "agent-rm-rewards", "reward-model", "hybrid-mc", "hybrid-rewards"), "pairs_s": ("pairs",), "train_s": ("train",), "eval_s": ("evaluate",)}
 
 
 def _manifests(run: str, nodes: Sequence[Node | None]) -> dict[str, store.Manifest | None]:
@@ -90,6 +92,8 @@ def model_row(run: str, ev: Node, nodes: Sequence[Node]) -> dict[str, Any]:
         # agent MC: estimates made; rollouts run, taken from the step-reward memo, and skipped as unable to change a pair
         mc = [n for n in it if n.stage in ("agent-mc", "hybrid-mc")]
         row.update({col: _total(ms, mc, key) for col, key in MC_COLUMNS.items()})
+        expert = [n for n in it if n.stage == "expert-mc-paired"]
+        row.update({col: _total(ms, expert, key) for col, key in EXPERT_MC_COLUMNS.items()})
         row.update(_reward_model(run, ms, by.get("agent-rm-rewards"), rewards, by.get("pairs")))
         row.update({col: _wall(ms, [n for n in it if n.stage in stages]) for col, stages in TIMES.items()})
     peaks = [m.timings["peak_rss_mb"] for m in ms.values() if m is not None and "peak_rss_mb" in m.timings]
