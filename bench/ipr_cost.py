@@ -23,21 +23,24 @@ pairs, of ipr, ipr-skip, ipr-naive and ipr-experts-up-front are the same (the
 skip, the memo and the paired expert MC are exact): the bench checks that they
 end with the same models.
 Each run's cost counts every stage it needs as if it ran alone (copied stages
-carry their original wall time): stage wall time, generated tokens and MC
-rollouts; per iteration, the share of ipr-naive's agent MC rollouts that the
-others ran, and how often the agent's scored step equalled the expert's.
+carry their original wall time): generated tokens and MC rollouts; stage wall
+time of its own stages, and of the whole run with the shared stages (experts,
+SFT, base and SFT evaluations) charged at their median over the runs; per
+iteration, the share of ipr-naive's agent MC rollouts that the others ran,
+and how often the agent's scored step equalled the expert's.
 Prints a table and the ratios to ETO; no Prefect.
 
 Measured results: docs/performance.md.
 
     .venv/bin/python bench/ipr_cost.py [--config configs/demo.yaml] [--set key=value ...]
-    .venv/bin/python bench/ipr_cost.py --set env.options.level=BabyAI-GoToLocalS8N2-v0
+    .venv/bin/python bench/ipr_cost.py --set env.options.level=BabyAI-GoToLocalS8N2-v0 --variants eto ipr ipr-naive
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -68,12 +71,14 @@ def _mc_meta(run: str, nodes, k: int | None, stage: str = "agent-mc") -> dict[st
     return {key: sum(int(m.meta.get(key, 0)) for m in ms if m is not None) for key in PER_ITERATION}
 
 
-def measure(config: str, overrides: list[str], root: str) -> dict:
+def measure(config: str, overrides: list[str], root: str, names: list[str], compute: bool = True) -> dict:
     out = {}
-    for name, (extra, sub) in VARIANTS.items():
+    for name in names:
+        extra, sub = VARIANTS[name]
         cfg = load_config(config, [*overrides, *extra, f"storage.root={store.join(root, sub)}", f"run_name={name}"])
         t0 = time.perf_counter()
-        run_local(cfg)
+        if compute:  # else: report on what the root already holds
+            run_local(cfg)
         run = run_uri(cfg)
         nodes = run_plan(cfg, run)
         cost = run_cost(run, nodes)
@@ -82,16 +87,30 @@ def measure(config: str, overrides: list[str], root: str) -> dict:
         # expert MC: up front (iteration None) or per iteration (mc.expert_steps=paired)
         expert = [_mc_meta(run, nodes, None, "expert-mc")["rollouts"], *(_mc_meta(run, nodes, k, "expert-mc-paired")["rollouts"] for k in its)]
         digest = {m: store.digest(store.join(run, m)) for m in ("sft/model", f"iter-{its[-1]:02d}/model")}
-        out[name] = {**cost, "agent_mc": per_iter, "expert_mc": expert, "digests": digest, "process_s": round(time.perf_counter() - t0, 1)}
+        out[name] = {**cost, **_walls(run, nodes), "agent_mc": per_iter, "expert_mc": expert, "digests": digest, "process_s": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {json.dumps(out[name])}", flush=True)
-    cfgs = {n: load_config(config, [*overrides, *VARIANTS[n][0], f"storage.root={store.join(root, VARIANTS[n][1])}", f"run_name={n}"]) for n in ("ipr", "ipr-action-memo")}
-    out["ipr-action-memo"]["moved"] = _moved(*((c, run_uri(c)) for c in cfgs.values()))
+    if {"ipr", "ipr-action-memo"} <= set(out):
+        cfgs = [load_config(config, [*overrides, *VARIANTS[n][0], f"storage.root={store.join(root, VARIANTS[n][1])}", f"run_name={n}"]) for n in ("ipr", "ipr-action-memo")]
+        out["ipr-action-memo"]["moved"] = _moved(*((c, run_uri(c)) for c in cfgs))
     if len({r["digests"]["sft/model"] for r in out.values()}) != 1:
         print("warning: the runs' SFT models differ (training is not deterministic here): the comparison is not from the same SFT model", flush=True)
-    exact = {n: out[n]["digests"] for n in ("ipr", "ipr-skip", "ipr-naive", "ipr-experts-up-front")}
+    exact = {n: out[n]["digests"] for n in ("ipr", "ipr-skip", "ipr-naive", "ipr-experts-up-front") if n in out}
     same = len({json.dumps(d, sort_keys=True) for d in exact.values()}) == 1
     print(f"exact variants ({', '.join(exact)}) end with the same models: {same}", flush=True)
     return out
+
+
+SHARED = ("experts", "eval-tasks", "base-model", "sft")  # + the base and SFT evaluations: the same work in every variant
+
+
+def _walls(run: str, nodes) -> dict[str, float]:
+    """Stage wall time of the stages every variant shares (experts, SFT, the base and
+    SFT evaluations: same digests) and of the variant's own stages (the iterations,
+    expert MC up front)."""
+    shared = {n.key for n in nodes if n.stage in SHARED or (n.stage == "evaluate" and n.iteration <= 0)}
+    ms = {n.key: store.read_manifest(store.join(run, n.key)) for n in nodes}
+    wall = {k: m.timings.get("wall_s", 0.0) for k, m in ms.items() if m is not None}
+    return {"shared_wall_s": round(sum(w for k, w in wall.items() if k in shared), 1), "own_wall_s": round(sum(w for k, w in wall.items() if k not in shared), 1)}
 
 
 def _moved(exact: tuple, approx: tuple) -> dict:
@@ -116,33 +135,45 @@ def _ratio(a, b) -> str:
 
 def report(res: dict) -> str:
     eto = res["eto"]
+    # The shared stages are the same work in every root, but their wall time moves between roots
+    # (SFT took 95-186 s for one checkpoint): every run is charged their median, so the ratios
+    # compare what the variants do differently.
+    shared = statistics.median(c["shared_wall_s"] for c in res.values())
     lines = [
-        "| run | stage wall time (s) | generated tokens | MC rollouts | expert MC rollouts (up front; per iteration) | agent MC rollouts per iteration | wall / ETO | tokens / ETO |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Shared stages (experts, SFT, base and SFT evaluations; the same digests in every root): {', '.join(str(c['shared_wall_s']) for c in res.values())} s; "
+        f"each run below is charged their median, {shared:.0f} s.", "",
+        "| run | own stages (s) | whole run (s) | generated tokens | MC rollouts | expert MC rollouts (up front; per iteration) | agent MC rollouts per iteration "
+        "| own / ETO | whole / ETO | tokens / ETO |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, c in res.items():
         per_iter = ", ".join(str(a["rollouts"]) for a in c["agent_mc"])
         expert = f"{c['expert_mc'][0]}; {', '.join(map(str, c['expert_mc'][1:]))}"
+        whole, eto_whole = shared + c["own_wall_s"], shared + eto["own_wall_s"]
         lines.append(
-            f"| {name} | {c['wall_s']:.0f} | {c['generated_tokens'] or 0:,} | {c['mc_rollouts']:,} | {expert} | {per_iter} "
-            f"| {_ratio(c['wall_s'], eto['wall_s'])} | {_ratio(c['generated_tokens'], eto['generated_tokens'])} |"
+            f"| {name} | {c['own_wall_s']:.0f} | {whole:.0f} | {c['generated_tokens'] or 0:,} | {c['mc_rollouts']:,} | {expert} | {per_iter} "
+            f"| {_ratio(c['own_wall_s'], eto['own_wall_s'])} | {_ratio(whole, eto_whole)} | {_ratio(c['generated_tokens'], eto['generated_tokens'])} |"
         )  # fmt: skip
-    naive = res["ipr-naive"]
-    for name in ("ipr-skip", "ipr"):
-        share = ", ".join(f"iteration {k}: {_share(b['rollouts'], a['rollouts'])}" for k, (a, b) in enumerate(zip(naive["agent_mc"], res[name]["agent_mc"]), 1))
-        lines.append(f"\nShare of the naive agent MC rollouts that {name} ran: {share}; all MC: {_share(res[name]['mc_rollouts'], naive['mc_rollouts'])}.")
-    same = ", ".join(
-        f"iteration {k}: {_share(a['same_step_as_expert'], a['estimates'])} exactly, {_share(a['same_action_as_expert'], a['estimates'])} by action"
-        for k, a in enumerate(naive["agent_mc"], 1)
-    )  # fmt: skip
-    lines.append(f"Scored agent steps equal to the expert's step at the same prefix (ipr-naive): {same}.")
-    bound = ", ".join(f"iteration {k}: {a['skipped_by_expert_reward']} of {a['skipped_targets']}" for k, a in enumerate(res["ipr"]["agent_mc"], 1))
-    lines.append(f"Agent targets ipr skipped because their expert's step reward left no margin to win (of all it skipped): {bound}.")
-    m = res["ipr-action-memo"]["moved"]
-    lines.append(
-        f"mc.memo_ignores_thoughts (iteration 1 vs exact): {m['changed']}/{m['estimates']} step rewards changed (mean absolute change {m['mae']}); "
-        f"pairs {m['pairs_exact']} exact, {m['pairs_approx']} approximate, {m['pairs_different']} not in both."
-    )  # fmt: skip
+    naive = res.get("ipr-naive")
+    for name in ("ipr-skip", "ipr") if naive else ():
+        if name in res:
+            share = ", ".join(f"iteration {k}: {_share(b['rollouts'], a['rollouts'])}" for k, (a, b) in enumerate(zip(naive["agent_mc"], res[name]["agent_mc"]), 1))
+            lines.append(f"\nShare of the naive agent MC rollouts that {name} ran: {share}; all MC: {_share(res[name]['mc_rollouts'], naive['mc_rollouts'])}.")
+    if naive:
+        same = ", ".join(
+            f"iteration {k}: {_share(a['same_step_as_expert'], a['estimates'])} exactly, {_share(a['same_action_as_expert'], a['estimates'])} by action"
+            for k, a in enumerate(naive["agent_mc"], 1)
+        )  # fmt: skip
+        lines.append(f"Scored agent steps equal to the expert's step at the same prefix (ipr-naive): {same}.")
+    if "ipr" in res:
+        bound = ", ".join(f"iteration {k}: {a['skipped_by_expert_reward']} of {a['skipped_targets']}" for k, a in enumerate(res["ipr"]["agent_mc"], 1))
+        lines.append(f"Agent targets ipr skipped because their expert's step reward left no margin to win (of all it skipped): {bound}.")
+    m = res.get("ipr-action-memo", {}).get("moved")
+    if m:
+        lines.append(
+            f"mc.memo_ignores_thoughts (iteration 1 vs exact): {m['changed']}/{m['estimates']} step rewards changed (mean absolute change {m['mae']}); "
+            f"pairs {m['pairs_exact']} exact, {m['pairs_approx']} approximate, {m['pairs_different']} not in both."
+        )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -155,9 +186,12 @@ def main() -> None:
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--root", help="artifact root (default: a temporary folder)")
+    ap.add_argument("--no-run", action="store_true", help="report on the runs --root already holds (their manifests), computing nothing")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="which runs (default: all; eto is the baseline and always runs)")
     args = ap.parse_args()
+    names = ["eto", *(v for v in args.variants if v != "eto")]
     with tempfile.TemporaryDirectory(prefix="ipr-cost-") as tmp:
-        res = measure(args.config, args.overrides, args.root or tmp)
+        res = measure(args.config, args.overrides, args.root or tmp, names, compute=not args.no_run)
     print(report(res))
 
 
