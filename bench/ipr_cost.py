@@ -87,7 +87,8 @@ def measure(config: str, overrides: list[str], root: str, names: list[str], comp
         # expert MC: up front (iteration None) or per iteration (mc.expert_steps=paired)
         expert = [_mc_meta(run, nodes, None, "expert-mc")["rollouts"], *(_mc_meta(run, nodes, k, "expert-mc-paired")["rollouts"] for k in its)]
         digest = {m: store.digest(store.join(run, m)) for m in ("sft/model", f"iter-{its[-1]:02d}/model")}
-        out[name] = {**cost, **_walls(run, nodes), "agent_mc": per_iter, "expert_mc": expert, "digests": digest, "process_s": round(time.perf_counter() - t0, 1)}
+        shared = _shared_wall(run, nodes)
+        out[name] = {**cost, "shared_wall_s": shared, "own_wall_s": round(cost["wall_s"] - shared, 1), "agent_mc": per_iter, "expert_mc": expert, "digests": digest, "process_s": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {json.dumps(out[name])}", flush=True)
     if {"ipr", "ipr-action-memo"} <= set(out):
         cfgs = [load_config(config, [*overrides, *VARIANTS[n][0], f"storage.root={store.join(root, VARIANTS[n][1])}", f"run_name={n}"]) for n in ("ipr", "ipr-action-memo")]
@@ -103,14 +104,13 @@ def measure(config: str, overrides: list[str], root: str, names: list[str], comp
 SHARED = ("experts", "eval-tasks", "base-model", "sft")  # + the base and SFT evaluations: the same work in every variant
 
 
-def _walls(run: str, nodes) -> dict[str, float]:
+def _shared_wall(run: str, nodes) -> float:
     """Stage wall time of the stages every variant shares (experts, SFT, the base and
-    SFT evaluations: same digests) and of the variant's own stages (the iterations,
-    expert MC up front)."""
-    shared = {n.key for n in nodes if n.stage in SHARED or (n.stage == "evaluate" and n.iteration <= 0)}
-    ms = {n.key: store.read_manifest(store.join(run, n.key)) for n in nodes}
-    wall = {k: m.timings.get("wall_s", 0.0) for k, m in ms.items() if m is not None}
-    return {"shared_wall_s": round(sum(w for k, w in wall.items() if k in shared), 1), "own_wall_s": round(sum(w for k, w in wall.items() if k not in shared), 1)}
+    SFT evaluations: same digests); the rest of run_cost's wall time is the variant's own
+    (the iterations, expert MC up front)."""
+    shared = [n for n in nodes if n.stage in SHARED or (n.stage == "evaluate" and n.iteration <= 0)]
+    ms = [store.read_manifest(store.join(run, n.key)) for n in shared]
+    return round(sum(m.timings.get("wall_s", 0.0) for m in ms if m is not None), 1)
 
 
 def _moved(exact: tuple, approx: tuple) -> dict:

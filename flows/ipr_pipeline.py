@@ -226,14 +226,15 @@ def _publish(cfg: IPRConfig, st: Stages, nodes, rows, computed, tick) -> dict:
     top, on, note = summary.best(rows)
     tag = top["model"] if top is not None else "sft"
     best = (tag, summary.evaluated_model(st.run, nodes, tag), on, note)
-    expert_rewards = [store.join(st.run, n.key) for n in dag.expert_mc_rewards(nodes)]
+    # the prologue's (scorer/...) or each iteration's (iter-NN/...) expert step rewards
+    expert_rewards = {n.key.split("/")[0]: store.join(st.run, n.key) for n in dag.expert_mc_rewards(nodes)}
     pairs = [n for n in nodes if n.stage == "pairs"]
     agent = {n.iteration: store.join(st.run, dict(n.inputs)["agent_rewards_uri"]) for n in pairs}
     links = {"best model": best[1], "SFT model": store.join(st.run, "sft/model")}
-    links |= {f"expert step rewards ({u.rsplit('/', 2)[-2]})": u for u in expert_rewards}
+    links |= {f"expert step rewards ({where})": u for where, u in expert_rewards.items()}
     notes = summary.run_data_notes(st.run, nodes, cfg.env.name)
     md, md_uri = rep.write_report(
-        store.join(st.run, "report"), cfg.run_name, rows, _expert_step_rewards(expert_rewards),
+        store.join(st.run, "report"), cfg.run_name, rows, _expert_step_rewards(expert_rewards.values()),
         {k: [r["reward"] for r in store.read_rows(u, "step_rewards")] for k, u in agent.items()}, best_text(best), links, notes,
     )  # fmt: skip
     create_markdown_artifact(md, key=artifact_key(cfg.run_name, "report"), description=f"IPR run report ({md_uri})")

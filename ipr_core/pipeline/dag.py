@@ -98,7 +98,7 @@ def paired_expert_rewards(cfg: IPRConfig, k: int, sft: Node, experts: Node, expl
     """Iteration k's expert MC (mc.expert_steps=paired): one shard per exploration
     shard (none without step pairs), then the step rewards its pairs read (last)."""
     kw = {"scorer_uri": sft, "experts_uri": experts, "iteration": k}
-    mc = [node("expert-mc-paired", branches_uri=e, shard=s, **kw) for s, e in enumerate(explore)] if cfg.pairs.step_pairs else []
+    mc = [node("expert-mc-paired", branches_uri=e, shard=s, **kw) for s, e in enumerate(explore)] if scores_steps(cfg) else []
     return [*mc, node("expert-rewards-paired", branches_uris=explore, experts_uri=experts, mc_uris=mc, iteration=k)]
 
 
@@ -130,8 +130,8 @@ def iteration(cfg: IPRConfig, k: int, shards: int, prologue_nodes: Sequence[Node
     by = {n.stage: n for n in prologue_nodes}
     experts, sft = by["experts"], by["sft"]
     explore = [node("explore", policy_uri=policy, experts_uri=experts, iteration=k, shard=s) for s in range(shards)]
-    expert_mc = [] if "expert-rewards" in by else paired_expert_rewards(cfg, k, sft, experts, explore)
-    expert_rewards = by["expert-rewards"] if "expert-rewards" in by else expert_mc[-1]
+    expert_mc = [] if expert_mc_up_front(cfg) else paired_expert_rewards(cfg, k, sft, experts, explore)
+    expert_rewards = expert_mc[-1] if expert_mc else by["expert-rewards"]
     if uses_reward_model(cfg, k):
         rm = reward_model_node(cfg, shards, prologue_nodes)
         rewards = node("agent-rm-rewards", rm_uri=rm, branches_uris=explore, experts_uri=experts, iteration=k)
