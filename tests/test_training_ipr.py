@@ -416,6 +416,34 @@ def test_chunked_forward_gives_the_same_values_and_gradients(models, pairs):
     assert any(float(g0[k].abs().max()) > 0.1 for k in g0)  # gradients that are not all ~0
 
 
+@pytest.mark.parametrize("budget", [0, 600])
+def test_equal_segments_are_forwarded_once_with_the_gradients_of_every_copy(models, pairs, budget):
+    """A step's chosen sides repeat the expert's segments (and the SFT term's):
+    forward_segments computes each distinct segment once, and its value and the
+    summed gradient equal forwarding every copy on its own."""
+    from ipr_core.training.common import forward_segments
+
+    policy, _ = models
+    tok = load_tokenizer(policy)
+    base = [s for p in encode_pairs(tok, pairs, HISTORY, 512) for s in p.chosen + p.rejected]
+    segs = base + base[:3] + base[1:2]  # copies, one of them twice
+    weights = torch.linspace(-1, 1, len(segs))
+    rt = Runtime.create("fp32", budget)
+    model = load_model(policy, rt.device)
+    rows = []
+    model.base_model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)  # the backbone: rows forwarded
+    vals = forward_segments(TargetScorer(model), segs, tok.pad_token_id, rt)
+    assert sum(rows) == len({(s.input_ids, s.target) for s in base}) < len(segs)  # before the backward's recomputation
+    (vals * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    one_by_one = torch.cat([forward_segments(TargetScorer(model), [s], tok.pad_token_id, rt) for s in segs])
+    (one_by_one * weights).sum().backward()
+    assert torch.allclose(vals.detach(), one_by_one.detach(), atol=1e-4)
+    assert vals[len(base)] == vals[0] and vals[-1] == vals[1]
+    assert all(float((grads[n] - p.grad).abs().max()) <= 1e-5 * float(p.grad.abs().max()) + 1e-7 for n, p in model.named_parameters() if p.grad is not None)
+
+
 def test_trainer_with_a_forward_budget_trains_the_same_model(models, pairs, experts, tmp_path):
     policy, _ = models
     cfg = CFG.model_copy(update={"epochs": 2, "batch_size": 4})

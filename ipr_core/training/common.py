@@ -301,8 +301,34 @@ def _forward(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: Runtim
         return scorer(ids, mask, labels).float()
 
 
+def distinct(segs: Sequence[Encoded]) -> tuple[list[Encoded], torch.Tensor]:
+    """The distinct segments of ``segs`` (same tokens and targets; first
+    occurrence order) and, per segment, its index among them.
+
+    Equal segments have equal log-probs, and they are common: with a history
+    window, a step pair's chosen side is the expert's remaining turns, each
+    one the expert trajectory's own segment, which the task's outcome pair and
+    the SFT term also hold. Computing each once and indexing it back gives the
+    same values, and autograd sums the gradient over its uses: the gradients
+    of forwarding every copy (up to float rounding), at the cost of one."""
+    index: dict[tuple, int] = {}
+    firsts, inverse = [], []
+    for s in segs:
+        k = index.setdefault((s.input_ids, s.target), len(index))
+        if k == len(firsts):
+            firsts.append(s)
+        inverse.append(k)
+    return firsts, torch.tensor(inverse, dtype=torch.long)
+
+
+def distinct_tokens(segs: Sequence[Encoded]) -> int:
+    """Tokens one ``forward_segments`` call over ``segs`` forwards (padding aside)."""
+    return sum(len(s) for s in distinct(segs)[0])
+
+
 def forward_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: Runtime) -> torch.Tensor:
-    """[len(segs)] summed target log-probs; gradients flow.
+    """[len(segs)] summed target log-probs; gradients flow. Each distinct
+    segment is forwarded once (``distinct``).
 
     One forward pass when the padded batch fits ``rt.max_forward_tokens`` (or it
     is 0). Otherwise length-sorted chunks of at most that many padded tokens,
@@ -311,22 +337,26 @@ def forward_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt
     not those of every segment of its pairs and expert trajectories (an IPR step
     of 8 pairs with full-remainder sides is hundreds of segments). Same
     gradients, one extra forward per chunk."""
+    segs, inverse = distinct(segs)
     budget = rt.max_forward_tokens
     if not budget or len(segs) * max(len(s) for s in segs) <= budget:
-        return _forward(scorer, segs, pad_id, rt)
-    from torch.utils.checkpoint import checkpoint
+        vals = _forward(scorer, segs, pad_id, rt)
+    else:
+        from torch.utils.checkpoint import checkpoint
 
-    chunks = _length_chunks(segs, budget)
-    vals = [checkpoint(_forward, scorer, [segs[k] for k in c], pad_id, rt, use_reentrant=False) for c in chunks]
-    order = torch.tensor([k for c in chunks for k in c])
-    return torch.cat(vals)[torch.argsort(order).to(vals[0].device)]
+        chunks = _length_chunks(segs, budget)
+        parts = [checkpoint(_forward, scorer, [segs[k] for k in c], pad_id, rt, use_reentrant=False) for c in chunks]
+        order = torch.tensor([k for c in chunks for k in c])
+        vals = torch.cat(parts)[torch.argsort(order).to(parts[0].device)]
+    return vals[inverse.to(vals.device)]
 
 
 @torch.no_grad()
 def score_segments(scorer: nn.Module, segs: Sequence[Encoded], pad_id: int, rt: Runtime, max_tokens: int = 16384) -> torch.Tensor:
     """forward_segments without gradients over many segments: sorted by length
     and batched by padded size, so padding costs almost nothing. CPU float32."""
+    segs, inverse = distinct(segs)
     out = torch.zeros(len(segs))
     for idx in _length_chunks(segs, max_tokens):
         out[idx] = _forward(scorer, [segs[k] for k in idx], pad_id, rt).cpu()
-    return out
+    return out[inverse]

@@ -37,6 +37,7 @@ from ipr_core.training.common import (
     TargetScorer,
     TrainResult,
     add_lora,
+    distinct_tokens,
     forward_segments,
     load_model,
     release_memory,
@@ -229,7 +230,7 @@ class _StepPlan:
     n_outcome: int
     n_step: int
     n_sft: int  # SFT target tokens of the step
-    tokens: int  # tokens the step forwards (all processes)
+    tokens: int  # distinct-segment tokens the step forwards (all processes)
 
 
 def _plan_step(indices: list[int], pairs: list[list[list[int]]], enc: Sequence[EncodedPair], expert_groups: Sequence[Sequence[Encoded]], expert_stream: IndexStream | None, cfg: IPRTrainConfig) -> _StepPlan:
@@ -244,8 +245,19 @@ def _plan_step(indices: list[int], pairs: list[list[list[int]]], enc: Sequence[E
         n_sft = sum(s.n_targets for i in indices for s in enc[i].chosen)
     else:
         n_sft = 0
-    tokens = sum(enc[i].tokens for i in indices) + sum(len(s) for s in expert_segs)
-    return _StepPlan(pairs, experts, n_outcome, len(indices) - n_outcome, n_sft, tokens)
+    return _StepPlan(pairs, experts, n_outcome, len(indices) - n_outcome, n_sft, _step_tokens(pairs, experts, enc, expert_groups))
+
+
+def _step_tokens(pairs: list[list[list[int]]], experts: list[list[list[int]]] | None, enc: Sequence[EncodedPair], expert_groups: Sequence[Sequence[Encoded]]) -> int:
+    """Tokens the step forwards: each (micro-batch, process) forward pass
+    computes its distinct segments once (``forward_segments``)."""
+    total = 0
+    for m, mb in enumerate(pairs):
+        for r, part in enumerate(mb):
+            segs = [s for i in part for s in enc[i].chosen + enc[i].rejected]
+            segs += [s for g in (experts[m][r] if experts else []) for s in expert_groups[g]]
+            total += distinct_tokens(segs)
+    return total
 
 
 @dataclass(frozen=True, eq=False)

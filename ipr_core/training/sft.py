@@ -26,7 +26,7 @@ from torch import nn
 from ipr_core.config import SFTConfig
 from ipr_core.conversation import trajectory_messages
 from ipr_core.policies.checkpoint_io import checkpoint_dtype, load_tokenizer
-from ipr_core.training.common import Runtime, TargetScorer, TrainResult, forward_segments, load_model, save_on_main, seed_everything, stage_name
+from ipr_core.training.common import Runtime, TargetScorer, TrainResult, distinct_tokens, forward_segments, load_model, save_on_main, seed_everything, stage_name
 from ipr_core.training.data import Encoded, encode_conversation
 from ipr_core.training.loop import EpochBatches, Step, run_loop
 from ipr_core.types import Message, Trajectory
@@ -111,7 +111,8 @@ class _SFTObjective:
     segs: Sequence[Encoded]
 
     def step(self, indices: list[int], micro: list[list[list[int]]]) -> "_SFTStep":
-        return _SFTStep(self, micro, sum(self.segs[i].n_targets for i in indices), sum(len(self.segs[i]) for i in indices))
+        tokens = sum(distinct_tokens([self.segs[i] for i in part]) for mb in micro for part in mb)
+        return _SFTStep(self, micro, sum(self.segs[i].n_targets for i in indices), tokens)
 
 
 class _SFTStep(Step):
