@@ -19,6 +19,7 @@ from typing import Sequence
 import pyarrow as pa
 
 from ipr_core.envs.base import Environment, EnvError
+from ipr_core.progress import bar
 from ipr_core.schemas import from_rows
 from ipr_core.types import Step, Task, Trajectory
 
@@ -62,21 +63,24 @@ def expert_trajectory(env: Environment, task: Task, traj_id: str | None = None) 
     return Trajectory(traj_id, task, "expert", env.system_prompt(), "", (), 0, 0.0, False, False, task.seed, error)
 
 
-def collect_experts(env: Environment, tasks: Sequence[Task], *, run_seed: int = 0) -> list[Trajectory]:
+def collect_experts(env: Environment, tasks: Sequence[Task], *, run_seed: int = 0, progress: str | None = None) -> list[Trajectory]:
     """Expert trajectories for ``tasks``, one per task, in order.
 
     The bundled experts (BabyAI bot, gold action sequences) are deterministic,
     so the result depends only on the tasks (whose seeds ``list_tasks`` derived
     from the run seed); ``run_seed`` is logged for the record. A task listed
-    twice gets ids ``expert-{task_id}`` and ``expert-{task_id}-1``.
+    twice gets ids ``expert-{task_id}`` and ``expert-{task_id}-1``. ``progress``
+    names a progress bar over the episodes (None: no bar).
     """
     log.info("collecting %d %s experts (run seed %d)", len(tasks), env.name, run_seed)
     out: list[Trajectory] = []
     seen: dict[str, int] = {}
-    for task in tasks:
-        k = seen.get(task.task_id, 0)
-        seen[task.task_id] = k + 1
-        out.append(expert_trajectory(env, task, f"expert-{task.task_id}" + (f"-{k}" if k else "")))
+    with bar(len(tasks), progress, "ep") as pbar:
+        for task in tasks:
+            k = seen.get(task.task_id, 0)
+            seen[task.task_id] = k + 1
+            out.append(expert_trajectory(env, task, f"expert-{task.task_id}" + (f"-{k}" if k else "")))
+            pbar.update(1)
     return out
 
 

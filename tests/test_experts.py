@@ -36,6 +36,16 @@ def test_experts_are_replayed_records_of_the_environment(babyai):
         assert [m["role"] for m in msgs[:4]] == ["system", "user", "assistant", "user"]
 
 
+def test_expert_collection_shows_a_progress_bar_when_named(babyai, capsys):
+    """ALFWorld's experts take seconds a game: the stage shows how far it is."""
+    tasks = babyai.list_tasks("train", n=3, seed=4)
+    collect_experts(babyai, tasks)
+    assert "ep" not in capsys.readouterr().err
+    collect_experts(babyai, tasks, progress="experts/train")
+    err = capsys.readouterr().err
+    assert "experts/train:" in err and "/3 [" in err
+
+
 def test_experts_are_deterministic(babyai):
     tasks = babyai.list_tasks("train", n=5, seed=9)
     assert collect_experts(babyai, tasks, run_seed=9) == collect_experts(babyai, tasks, run_seed=9)

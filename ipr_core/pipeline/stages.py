@@ -146,7 +146,7 @@ def collect_experts(ctx: Context) -> Rows:
     env = _env_factory(cfg)()
     try:
         n = cfg.env.train_tasks * cfg.training.sft.expert_episodes_multiplier
-        trajs = collect(env, env.list_tasks("train", n=n, seed=cfg.seed), run_seed=cfg.seed)
+        trajs = collect(env, env.list_tasks("train", n=n, seed=cfg.seed), run_seed=cfg.seed, progress=ctx.label)
     finally:
         env.close()
     ok = sum(t.success for t in trajs)
