@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from ipr_core.conversation import step_messages, trajectory_messages
 from ipr_core.envs.base import Environment
 from ipr_core.policies.base import Policy, SamplingParams
 from ipr_core.seeding import derive_seed
 from ipr_core.types import Trajectory
+
+if TYPE_CHECKING:
+    from ipr_core.rollout import RolloutStats
 
 # ---------------------------------------------------------------------------------
 # Stage 1: Monte Carlo step rewards (Eq. 3-5)
@@ -387,14 +390,17 @@ def run_specs(
     concurrency: int | None = None,
     progress: str | None = None,
     on_episode: Callable[[Trajectory], None] | None = None,
+    on_stats: Callable[[RolloutStats], None] | None = None,
 ) -> list[Trajectory]:
-    """Run episode specs through the lock-step runner (one place to change it)."""
+    """Run episode specs through the lock-step runner (one place to change it);
+    ``on_stats`` receives its ``RolloutStats``."""
     from ipr_core.rollout import run_episodes
 
     if not specs:
         return []
     return run_episodes(
-        make_env, policy, specs, sampling, history=history, workers=workers, batch_size=batch_size, concurrency=concurrency, progress=progress, on_episode=on_episode,
+        make_env, policy, specs, sampling, history=history, workers=workers, batch_size=batch_size, concurrency=concurrency, progress=progress,
+        on_episode=on_episode, on_stats=on_stats,
     )  # fmt: skip
 
 

@@ -79,12 +79,13 @@ class RolloutStats:
     generate_s: float
     env_s: float
     replay_mismatches: int  # prefix observations that replay did not reproduce
+    invalid: int = 0  # well-formed actions the environment did not accept (StepResult.info["invalid"])
 
     def summary(self) -> str:
         eps = self.episodes / self.wall_s if self.wall_s > 0 else float("inf")
         return (
             f"{self.episodes} episodes in {self.wall_s:.1f}s ({eps:.2f} ep/s): generation {self.generate_s:.1f}s, "
-            f"environment {self.env_s:.1f}s, {self.turns} turns, {self.generated} replies ({self.malformed} malformed), "
+            f"environment {self.env_s:.1f}s, {self.turns} turns, {self.generated} replies ({self.malformed} malformed, {self.invalid} invalid actions), "
             f"{self.errors} errors after {self.retries} retries"
         )
 
@@ -125,6 +126,7 @@ class _Episode:
     prefix_len: int = 0
     finished: bool = False
     mismatches: int = 0
+    invalid: int = 0  # actions the environment did not accept (its "Nothing happens.")
 
     @property
     def reward(self) -> float:
@@ -159,6 +161,7 @@ class _Episode:
     def record(self, thought: str, action: str, r: StepResult) -> None:
         self.steps.append(Step(thought, _recorded_action(action, r), r.observation, float(r.reward)))
         self.last = r
+        self.invalid += bool(r.info.get("invalid"))
 
     def check_limit(self, limit: int) -> None:
         self.finished = self.finished or bool(self.last and self.last.done) or len(self.steps) >= limit
@@ -272,6 +275,7 @@ class _Tally:
     retries: int = 0
     errors: int = 0
     mismatches: int = 0
+    invalid: int = 0
     generate_s: float = 0.0
     env_s: float = 0.0
 
@@ -415,6 +419,7 @@ class _LockStep:
         self.results[ep.index] = ep.trajectory(error)
         self.tally.errors += error is not None
         self.tally.mismatches += ep.mismatches
+        self.tally.invalid += ep.invalid
         self.active.pop(slot, None)
         if self.bar is not None:
             self.bar.update(1)
@@ -446,7 +451,7 @@ class _LockStep:
 
     def stats(self, wall_s: float) -> RolloutStats:
         t = self.tally
-        return RolloutStats(len(self.results), t.errors, t.retries, t.turns, t.generated, t.malformed, wall_s, t.generate_s, t.env_s, t.mismatches)
+        return RolloutStats(len(self.results), t.errors, t.retries, t.turns, t.generated, t.malformed, wall_s, t.generate_s, t.env_s, t.mismatches, t.invalid)
 
     def trajectories(self) -> list[Trajectory]:
         assert all(r is not None for r in self.results)

@@ -49,6 +49,22 @@ def test_lockstep_equals_sequential_and_batches():
     assert any(t.done and t.success for t in ref) and any(not t.done for t in ref)
 
 
+def test_stats_count_malformed_replies_and_invalid_actions_of_the_agent_only():
+    """What a stuck model does (ALFWorld's tiny model: most actions "Nothing
+    happens.") is in the stats: the environment's invalid flag, counted on the
+    agent's steps, never on a replayed prefix."""
+    specs = _specs()
+    got: list = []
+    trajs = run_episodes(LineWorld, ScriptedPolicy(), specs, GREEDY, history=2, concurrency=6, batch_size=4, on_stats=got.append)
+    agent = [s for t in trajs for s in t.steps[t.prefix_len :]]
+    invalid = sum(s.observation.startswith("Nothing happens") for s in agent)
+    prefix_invalid = sum(s.observation.startswith("Nothing happens") for t in trajs for s in t.steps[: t.prefix_len])
+    [stats] = got
+    assert stats.invalid == invalid > 0 and stats.malformed == sum(s.action == "" for s in agent) > 0
+    assert f"{stats.invalid} invalid actions" in stats.summary()
+    assert prefix_invalid > 0  # the "limit" spec replays 6 invalid expert steps: not the agent's
+
+
 class TwoLanes:
     """A policy with two lanes (as ``ReplicatedPolicy``), answered in process:
     the higher lane first whenever both are in flight, so one cohort runs ahead

@@ -79,19 +79,21 @@ def _train(ctx: Context, fn: Callable, *args: Any, seed: int):
 
 def _episodes(ctx: Context, model_uri: str, specs, temperature: float, on_episode=None) -> tuple[list[Trajectory], dict[str, int]]:
     """Play ``specs`` with the model at ``model_uri`` through the lock-step runner;
-    also what it cost (generated tokens, where the backend counts them) for the manifest."""
+    also what it cost (generated tokens, where the backend counts them) and how
+    many replies were malformed or actions invalid, for the manifest."""
     if not specs:
         return [], {}
     cfg = ctx.cfg
     policy, served, release = _policy(cfg, model_uri)
+    counts: dict[str, int] = {}
     try:
         eps = ipr.run_specs(
             _env_factory(cfg), policy, specs, _sampling(cfg, temperature), history=cfg.sampling.history_turns,
             workers=cfg.env.workers, batch_size=cfg.sampling.batch_size, concurrency=cfg.env.concurrency, progress=ctx.label,
-            on_episode=on_episode,
+            on_episode=on_episode, on_stats=lambda st: counts.update(malformed_replies=st.malformed, invalid_actions=st.invalid),
         )  # fmt: skip
         stats = getattr(policy, "stats", None)
-        return eps, {**served, **({"generated_tokens": int(stats.generated_tokens)} if stats is not None else {})}
+        return eps, {**served, **counts, **({"generated_tokens": int(stats.generated_tokens)} if stats is not None else {})}
     finally:
         close = getattr(policy, "close", None)
         if close:
