@@ -3,17 +3,18 @@
 Each run is its own process (``run_local``: no Prefect) with its own storage
 root, so nothing is shared but the cores. For every setting asked for
 (``--settings``: OpenMP's wait policy ``active`` / ``passive``, its spin count
-``spin=N``, torch threads per run ``threads=N``, or several joined by ``+``), the bench runs the config
-once alone and then three copies side by side, and prints per run: wall time,
+``spin=N``, torch threads per run ``threads=N``, glibc's mmap and trim
+thresholds ``malloc=BYTES``, or several joined by ``+``), the bench runs the config
+once alone and then three copies side by side (``--alone``: only the first), and prints per run: wall time,
 slowdown against alone, and peak resident memory (``wait4``'s maxrss of that
-process). A fair share of the cores would make each of three runs at most 3x
+process), and the SFT stage's training time of the run alone. A fair share of the cores would make each of three runs at most 3x
 slower than alone. Same config and seed, so the four runs of a setting must
 end with the same final checkpoint (another thread count may round floats
 differently, so settings are not compared with each other).
 
 Measured results: docs/performance.md.
 
-    .venv/bin/python bench/contention.py [--config configs/demo.yaml] [--set key=value ...] [--settings default spin=300000 passive threads=1]
+    .venv/bin/python bench/contention.py [--config configs/demo.yaml] [--set key=value ...] [--settings default spin=300000 passive threads=1] [--alone]
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _runs(config: str, overrides: list[str], env: dict, n: int, tmp: str, tag: s
 
 def setting(text: str) -> tuple[list[str], dict[str, str]]:
     """``default``, ``passive`` / ``active`` (OMP_WAIT_POLICY), ``spin=N`` (GOMP_SPINCOUNT), ``threads=N``
-    (pipeline.torch_threads), or several joined by ``+``: overrides and environment."""
+    (pipeline.torch_threads), ``malloc=BYTES`` (glibc's MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_,
+    which then win over ipr_core's own), or several joined by ``+``: overrides and environment."""
     overrides, env = [], {}
     for part in text.split("+"):
         if part in ("passive", "active"):
@@ -69,9 +71,19 @@ def setting(text: str) -> tuple[list[str], dict[str, str]]:
             env["GOMP_SPINCOUNT"] = str(int(part.split("=", 1)[1]))
         elif part.startswith("threads="):
             overrides.append(f"pipeline.torch_threads={int(part.split('=', 1)[1])}")
+        elif part.startswith("malloc="):
+            env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(int(part.split("=", 1)[1]))
         elif part != "default":
-            raise SystemExit(f"bench/contention.py: error: unknown setting {part!r} (default, passive, active, spin=N, threads=N, joined by +)")
+            raise SystemExit(f"bench/contention.py: error: unknown setting {part!r} (default, passive, active, spin=N, threads=N, malloc=BYTES, joined by +)")
     return overrides, env
+
+
+def _sft_train_s(tmp: str, tag: str) -> float | None:
+    """The SFT stage's training loop time in the run ``tag``-0 (its manifest)."""
+    from ipr_core import store
+
+    m = store.read_manifest(os.path.join(tmp, f"{tag}-0", "bench", "sft", "model"))
+    return None if m is None else m.meta.get("train_s")
 
 
 def _digests(tmp: str, tag: str, n: int) -> list[str | None]:
@@ -86,16 +98,19 @@ def _digests(tmp: str, tag: str, n: int) -> list[str | None]:
     return found
 
 
-def measure(config: str, overrides: list[str], settings: list[str], tmp: str) -> dict:
+def measure(config: str, overrides: list[str], settings: list[str], tmp: str, alone_only: bool = False) -> dict:
     """Per setting: one run alone, then three at once (slowdowns against that run alone)."""
     res = {}
     for name in settings:
         extra, env = setting(name)
         ov = [*overrides, *extra]
         alone = _runs(config, ov, env, 1, tmp, f"{name}-alone")
-        three = _runs(config, ov, env, 3, tmp, f"{name}-three")
-        digests = _digests(tmp, f"{name}-alone", 1) + _digests(tmp, f"{name}-three", 3)
-        res[name] = {"alone": alone[0], "three": three, "slowdown": [round(r["wall_s"] / alone[0]["wall_s"], 2) for r in three], "same_model": len(set(digests)) == 1 and None not in digests, "digest": digests[0]}
+        three = [] if alone_only else _runs(config, ov, env, 3, tmp, f"{name}-three")
+        digests = _digests(tmp, f"{name}-alone", 1) + _digests(tmp, f"{name}-three", len(three))
+        res[name] = {
+            "alone": {**alone[0], "sft_train_s": _sft_train_s(tmp, f"{name}-alone")}, "three": three,
+            "slowdown": [round(r["wall_s"] / alone[0]["wall_s"], 2) for r in three], "same_model": len(set(digests)) == 1 and None not in digests, "digest": digests[0],
+        }  # fmt: skip
         print(f"{name}: {json.dumps(res[name])}", flush=True)
         if not all(r["ok"] for r in [*alone, *three]):
             print(f"warning: a run with {name} failed: its figures are not comparable", flush=True)
@@ -103,14 +118,15 @@ def measure(config: str, overrides: list[str], settings: list[str], tmp: str) ->
 
 
 def report(res: dict) -> str:
-    lines = ["| setting | alone (s) | alone peak RSS (MB) | three at once (s, each) | slowdown (each) | peak RSS of each (MB) | same final model (4 runs) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | alone (s) | alone: SFT training (s) | alone peak RSS (MB) | three at once (s, each) | slowdown (each) | peak RSS of each (MB) | same final model (all runs) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         three = r["three"]
         walls = ", ".join(f"{x['wall_s']:.0f}" for x in three)
         slow = ", ".join(f"{x:.2f}x" for x in r["slowdown"])
         peaks = ", ".join(f"{x['peak_rss_mb']:,}" for x in three)
         same = "yes" if r["same_model"] else "NO"
-        lines.append(f"| {name} | {r['alone']['wall_s']:.0f} | {r['alone']['peak_rss_mb']:,} | {walls} | {slow} | {peaks} | {same} |")
+        sft = r["alone"]["sft_train_s"]
+        lines.append(f"| {name} | {r['alone']['wall_s']:.0f} | {'' if sft is None else f'{sft:.0f}'} | {r['alone']['peak_rss_mb']:,} | {walls} | {slow} | {peaks} | {same} |")
     return "\n".join(lines)
 
 
@@ -118,12 +134,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--settings", nargs="+", default=["default", "spin=300000", "passive", "threads=1"], help="what to compare: default, passive / active (OMP_WAIT_POLICY), spin=N (GOMP_SPINCOUNT), threads=N (pipeline.torch_threads), joined by +")
+    ap.add_argument("--settings", nargs="+", default=["default", "spin=300000", "passive", "threads=1"], help="what to compare: default, passive / active (OMP_WAIT_POLICY), spin=N (GOMP_SPINCOUNT), threads=N (pipeline.torch_threads), malloc=BYTES (glibc's mmap/trim thresholds), joined by +")
+    ap.add_argument("--alone", action="store_true", help="only the run alone per setting (no three at once)")
     args = ap.parse_args()
     for name in args.settings:
         setting(name)  # a bad setting fails before any run
     with tempfile.TemporaryDirectory(prefix="ipr-contention-") as tmp:
-        res = measure(args.config, args.overrides, args.settings, tmp)
+        res = measure(args.config, args.overrides, args.settings, tmp, args.alone)
     print(report(res))
 
 

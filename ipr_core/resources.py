@@ -146,9 +146,11 @@ def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
 # glibc keeps freed memory for reuse instead of returning it: its mmap threshold
 # rises to the largest block freed (up to 32 MB), so a training step's
 # activation tensors, once freed, stay resident as heap that later stages
-# never shrink (the demo's IPR training stage: 2.1 GB peak resident with the
-# default, 1.76 GB with a fixed threshold, the same weights; docs/performance.md).
-MALLOC_THRESHOLD = 128 * 1024
+# never shrink. A fixed threshold returns them. Not too low: every block above
+# it is a fresh mapping whose pages fault in zeroed, and at 128 KB a training
+# step's megabyte-sized activations made the demo's SFT take twice as long.
+# 8 MB keeps most of the speed and the memory (docs/performance.md).
+MALLOC_THRESHOLD = 8 * 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
