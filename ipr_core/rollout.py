@@ -79,7 +79,7 @@ class RolloutStats:
     generate_s: float
     env_s: float
     replay_mismatches: int  # prefix observations that replay did not reproduce
-    invalid: int = 0  # well-formed actions the environment did not accept (StepResult.info["invalid"])
+    invalid: int  # well-formed actions the environment did not accept (StepResult.info["invalid"])
 
     def summary(self) -> str:
         eps = self.episodes / self.wall_s if self.wall_s > 0 else float("inf")

@@ -104,6 +104,11 @@ def _flatten(pairs: Sequence[EncodedPair]) -> tuple[list[Encoded], torch.Tensor]
     return segs, torch.tensor(owner, dtype=torch.long)
 
 
+def _expert_segments(expert_groups: Sequence[Sequence[Encoded]], drawn: Sequence[int]) -> list[Encoded]:
+    """The segments of the expert trajectories ``drawn`` for a micro-batch's SFT term."""
+    return [s for g in drawn for s in expert_groups[g]]
+
+
 def _sum_sides(per_seg: torch.Tensor, owner: torch.Tensor, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     sides = per_seg.new_zeros(2 * n_pairs).index_add(0, owner.to(per_seg.device), per_seg)
     return sides[:n_pairs], sides[n_pairs:]
@@ -238,7 +243,7 @@ def _plan_step(indices: list[int], pairs: list[list[list[int]]], enc: Sequence[E
     # One expert trajectory per pair, drawn from its own shuffled stream.
     experts = [[expert_stream.take(len(part)) for part in mb] for mb in pairs] if expert_stream else None
     n_outcome = sum(enc[i].kind == "outcome" for i in indices)
-    expert_segs = [s for mb in experts or [] for part in mb for g in part for s in expert_groups[g]]
+    expert_segs = [s for mb in experts or [] for part in mb for s in _expert_segments(expert_groups, part)]
     if experts is not None:
         n_sft = sum(s.n_targets for s in expert_segs)
     elif cfg.sft_target == "chosen" and cfg.w_sft > 0:
@@ -250,13 +255,12 @@ def _plan_step(indices: list[int], pairs: list[list[list[int]]], enc: Sequence[E
 
 def _step_tokens(pairs: list[list[list[int]]], experts: list[list[list[int]]] | None, enc: Sequence[EncodedPair], expert_groups: Sequence[Sequence[Encoded]]) -> int:
     """Tokens the step forwards: each (micro-batch, process) forward pass
-    computes its distinct segments once (``forward_segments``)."""
+    (``_IPRStep.loss``) computes its distinct segments once (``forward_segments``)."""
     total = 0
     for m, mb in enumerate(pairs):
         for r, part in enumerate(mb):
-            segs = [s for i in part for s in enc[i].chosen + enc[i].rejected]
-            segs += [s for g in (experts[m][r] if experts else []) for s in expert_groups[g]]
-            total += distinct_tokens(segs)
+            extra = _expert_segments(expert_groups, experts[m][r]) if experts else []
+            total += distinct_tokens(_flatten([enc[i] for i in part])[0] + extra)
     return total
 
 
@@ -292,7 +296,7 @@ class _IPRStep(Step):
     def loss(self, m: int, part: list[int]) -> torch.Tensor:
         o, plan, cfg = self.obj, self.plan, self.obj.cfg
         batch = [o.enc[i] for i in part]
-        extra = [s for g in plan.experts[m][o.rt.rank] for s in o.expert_groups[g]] if plan.experts else []
+        extra = _expert_segments(o.expert_groups, plan.experts[m][o.rt.rank]) if plan.experts else []
         segs, owner = _flatten(batch)
         per_seg = forward_segments(o.scorer, segs + extra, o.pad_id, o.rt)
         pc, pr = _sum_sides(per_seg[: len(segs)], owner, len(batch))
