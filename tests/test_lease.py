@@ -73,23 +73,33 @@ def test_the_heartbeat_refreshes_and_stops_when_taken(tmp_path, monkeypatch):
 
 
 _CONTENDER = """
-import sys, time
+import os, sys, time
 from ipr_core import lease
-folder, start = sys.argv[1], float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))  # every contender asks at the same instant
+folder, sync, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline = time.time() + 90
+def count(prefix):
+    return sum(f.startswith(prefix) for f in os.listdir(sync))
+def wait_for(prefix, k):
+    while count(prefix) < k and time.time() < deadline:
+        time.sleep(0.001)
+# A barrier, not a start time: on a loaded machine one interpreter may take
+# seconds longer to start, and would then ask after the winner had released.
+open(os.path.join(sync, f"ready-{os.getpid()}"), "w").close()
+wait_for("ready-", n)  # every contender asks at the same moment
 try:
     with lease.Lease(folder):
         print("won", flush=True)
-        time.sleep(3)  # hold it while the others are refused
+        wait_for("done-", n - 1)  # hold it until every other contender has been refused
 except lease.LeaseHeld as e:
     print("refused:", e, flush=True)
+    open(os.path.join(sync, f"done-{os.getpid()}"), "w").close()
 """
 
 
-def _contend(folder: str, n: int) -> list[str]:
-    start = time.time() + 4  # after every interpreter has imported ipr_core
-    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, folder, str(start)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
-    outs = [p.communicate(timeout=120) for p in procs]
+def _contend(folder: str, n: int, sync: Path) -> list[str]:
+    sync.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, folder, str(sync), str(n)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
     return [o[0].strip() for o in outs]
 
@@ -100,7 +110,7 @@ def test_runs_that_start_at_the_same_instant_get_one_lease(tmp_path, request, wh
     one wins (local: O_EXCL; S3: a conditional PUT on a real S3 API), and every
     other is refused naming a holder."""
     folder = str(tmp_path / "run") if where == "local" else store.join(request.getfixturevalue("s3_root"), "race")
-    results = _contend(folder, 6)
+    results = _contend(folder, 6, tmp_path / "sync")
     assert sum(r == "won" for r in results) == 1, results
     assert all(r.startswith("refused:") and ("in use by another run" in r or "at the same moment" in r) for r in results if r != "won"), results
     assert lease.current(folder) is None  # the winner released it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import pytest
@@ -20,10 +21,13 @@ def test_the_peak_sees_memory_held_only_inside_the_block():
         pytest.skip("no /proc/self/statm: the peak falls back to the lifetime maximum")
     before = rss_bytes() / 2**20
     with PeakRSS(interval_s=0.01) as p:
-        block = bytearray(300 * 2**20)  # touched, so resident
-        block[:: 4096] = b"x" * len(block[:: 4096])
+        # An anonymous mapping gets fresh pages whatever the heap holds: a
+        # bytearray could be served from memory an earlier test freed but
+        # glibc kept resident, and then no resident memory would be added.
+        block = mmap.mmap(-1, 300 * 2**20)
+        block.write(b"x" * len(block))  # touched, so resident
         time.sleep(0.3)  # the sampler thread runs while the block waits (the write above holds the GIL)
-        del block
+        block.close()
     assert p.peak_mb >= before + 250, (before, p.peak_mb)
     assert rss_bytes() / 2**20 < p.peak_mb - 200  # it was freed: a sample, not the lifetime maximum
 
