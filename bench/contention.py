@@ -39,8 +39,20 @@ run_local(load_config(sys.argv[1] or None, json.loads(sys.argv[2])))
 """
 
 
+RUN_NAME = "bench"
+
+
+def _root(tmp: str, tag: str, i: int) -> str:
+    """Storage root of run ``i`` of the runs tagged ``tag``; its run folder is ``_run_dir``."""
+    return os.path.join(tmp, f"{tag}-{i}")
+
+
+def _run_dir(tmp: str, tag: str, i: int) -> str:
+    return os.path.join(_root(tmp, tag, i), RUN_NAME)
+
+
 def _start(config: str, overrides: list[str], root: str, env: dict) -> subprocess.Popen:
-    args = [*overrides, f"storage.root={root}", "run_name=bench"]
+    args = [*overrides, f"storage.root={root}", f"run_name={RUN_NAME}"]
     return subprocess.Popen([sys.executable, "-c", _CHILD, config, json.dumps(args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -48,7 +60,7 @@ def _runs(config: str, overrides: list[str], env: dict, n: int, tmp: str, tag: s
     """``n`` runs started together; per run its wall time and peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     t0 = time.perf_counter()
-    procs = {_start(config, overrides, os.path.join(tmp, f"{tag}-{i}"), env).pid: i for i in range(n)}
+    procs = {_start(config, overrides, _root(tmp, tag, i), env).pid: i for i in range(n)}
     out: list[dict] = [{} for _ in range(n)]
     while procs:
         pid, status, usage = os.wait4(-1, 0)
@@ -82,7 +94,7 @@ def _sft_train_s(tmp: str, tag: str) -> float | None:
     """The SFT stage's training loop time in the run ``tag``-0 (its manifest)."""
     from ipr_core import store
 
-    m = store.read_manifest(os.path.join(tmp, f"{tag}-0", "bench", "sft", "model"))
+    m = store.read_manifest(os.path.join(_run_dir(tmp, tag, 0), "sft", "model"))
     return None if m is None else m.meta.get("train_s")
 
 
@@ -91,7 +103,7 @@ def _digests(tmp: str, tag: str, n: int) -> list[str | None]:
 
     found = []
     for i in range(n):
-        run = os.path.join(tmp, f"{tag}-{i}", "bench")
+        run = _run_dir(tmp, tag, i)
         models = sorted(p for p in Path(run).glob("iter-*/model")) or [Path(run) / "sft" / "model"]
         m = store.read_manifest(str(models[-1]))
         found.append(m.digest if m is not None else None)
